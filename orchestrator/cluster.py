@@ -1,0 +1,18 @@
+"""Connect the driver to Ray: the cluster in RAY_ADDRESS, or an embedded local one."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(num_hosts: int) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # under `ray job submit` or against a running cluster
+        return
+    # Logical CPUs beyond the cores, so the Train controller, the workers and the Ray
+    # Data tasks never wait on each other for a slot on a small machine.
+    ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 1), 2 * num_hosts + 4), include_dashboard=False)

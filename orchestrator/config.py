@@ -1,0 +1,81 @@
+"""`SFTConfig`: every setting of a run, with the seed's names, validated once here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DType = Literal["float32", "bfloat16"]
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Run identity: checkpoints, data and export live under save_directory/model_name.
+    model_name: str = Field("raysft", description="Run name; the run directory is save_directory/model_name.")
+    save_directory: str = Field("runs", description="Root directory of runs (shared storage on clusters).")
+
+    # Data
+    dataset_text_field: str = Field("text", description="Column holding the training text.")
+    add_special_tokens: bool = Field(False, description="Let the tokenizer add its special tokens (BOS).")
+    packing: bool = Field(False, description="Pack several documents per row (segment-aware).")
+    max_sequence_length: int = Field(2048, gt=1, description="Row length T in tokens.")
+    dataset_num_proc: int | None = Field(None, gt=0, description="Tokenizer actors in Ray Data (default 2).")
+    dataset_batch_size: int = Field(1000, gt=0, description="Rows per tokenization batch.")
+
+    # Optimisation
+    total_batch_size: int = Field(16, gt=0, description="Sequences per optimizer step, over all hosts.")
+    num_train_epochs: int = Field(3, gt=0, description="Passes over the training rows.")
+    max_training_steps: int | None = Field(None, gt=0, description="Stop after this many steps if sooner.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    learning_rate_end: float | None = Field(
+        None, ge=0, description="Final learning rate of the linear schedule (default 0)."
+    )
+    scheduler: Literal["linear", "none"] = Field("linear", description="Learning-rate decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to learning_rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on norms).")
+    clip_grad: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm.")
+    seed: int = Field(42, description="Seed of the data order.")
+
+    # Precision
+    dtype: DType = Field("float32", description="Compute dtype.")
+    param_dtype: DType = Field("float32", description="Parameter (and optimizer state) dtype.")
+    export_dtype: DType = Field("float32", description="dtype of the exported safetensors.")
+
+    # Checkpoints, logging
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps.")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints.")
+    do_last_save: bool = Field(True, description="Checkpoint the final step.")
+    log_steps: int = Field(10, gt=0, description="Report metrics every this many steps.")
+
+    # Hosts
+    num_hosts: int = Field(1, gt=0, description="Worker processes (one per TPU host).")
+    backend: Literal["cpu", "gpu", "tpu"] = Field("cpu", description="Accelerator the workers use.")
+    cpu_devices_per_host: int = Field(2, gt=0, description="JAX CPU devices per worker when backend is cpu.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SFTConfig":
+        if self.scheduler == "none" and self.learning_rate_end is not None:
+            raise ValueError("learning_rate_end is set but scheduler is 'none'; use scheduler='linear'")
+        if self.backend == "cpu":
+            devices = self.num_hosts * self.cpu_devices_per_host
+            if self.total_batch_size % devices:
+                raise ValueError(
+                    f"total_batch_size {self.total_batch_size} must be a multiple of the {devices} devices "
+                    f"(num_hosts {self.num_hosts} x cpu_devices_per_host {self.cpu_devices_per_host})"
+                )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.save_directory).absolute() / self.model_name
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "SFTConfig":
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        return cls(**{**values, **overrides})

@@ -1,0 +1,62 @@
+"""Live training progress on the driver, fed by rank 0 through a Ray queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from ray.util.queue import Empty, Queue
+from tqdm.auto import tqdm
+
+
+class ProgressReporter:
+    """Drains worker metrics in a background thread into a progress bar and log lines."""
+
+    def __init__(self, quiet: bool = False):
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.records: list[dict] = []
+        self.quiet = quiet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._bar: tqdm | None = None
+
+    def __enter__(self) -> "ProgressReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._bar is not None:
+            self._bar.close()
+        self.queue.shutdown()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                record = self.queue.get(timeout=0.5)
+            except (Empty, queue.Empty):
+                if self._stop.is_set():
+                    return
+                continue
+            self.records.append(record)
+            self._show(record)
+
+    def _show(self, record: dict) -> None:
+        if self.quiet:
+            return
+        event = record["event"]
+        if event == "start":
+            if self._bar is not None:  # a restarted attempt
+                self._bar.close()
+            self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step")
+            resumed = f"resumed at step {record['start_step']}" if record["start_step"] else "from step 0"
+            eval_part = f", eval loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""
+            tqdm.write(f"training {resumed} of {record['total_steps']}{eval_part}")
+        elif event == "step" and self._bar is not None:
+            tqdm.write(
+                f"step {record['step']:>5}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_second']:.0f}"
+            )
+            self._bar.update(record["step"] - self._bar.n)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)

@@ -1,0 +1,155 @@
+"""`SFTTrainer`: prepare data on Ray Data, train on a Ray Train JAX worker group, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from raysft.data.prepare import TextDataSettings, prepare_text_dataset
+from raysft.orchestrator.cluster import connect
+from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.progress import ProgressReporter
+from raysft.workers.models.auto import CausalLM, resolve_model_dir
+from raysft.workers.spec import TrainSpec
+from raysft.workers.train_loop import train_loop_per_worker
+
+
+class TrainingFailed(RuntimeError):
+    """The worker group failed; the message carries the workers' own error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutput:
+    """What a finished `train()` produced; `summary` is also in `run_dir/summary.json`."""
+
+    run_dir: Path
+    export_dir: Path
+    checkpoint_dir: Path
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+
+class SFTTrainer:
+    def __init__(
+        self,
+        arguments: SFTConfig,
+        model: str | Path | CausalLM,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        quiet: bool = False,
+    ):
+        """`model`: a Hugging Face directory, a `.gguf` file, a hub id, or a loaded `CausalLM`
+        (whose weights the workers reload from its directory, each host only its shards).
+        `processing_class`: the tokenizer (default: the model directory's)."""
+        self.args = arguments
+        self.model_dir = model.model_dir if isinstance(model, CausalLM) else resolve_model_dir(model)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.tokenizer = processing_class
+        self.quiet = quiet
+
+    def _save_tokenizer(self, out_dir: Path) -> Path:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        tokenizer.save_pretrained(out_dir)
+        return out_dir
+
+    def train(self) -> TrainOutput:
+        args = self.args
+        run_dir = args.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
+        connect(args.num_hosts)
+
+        settings = TextDataSettings(
+            text_field=args.dataset_text_field,
+            seq_len=args.max_sequence_length,
+            packing=args.packing,
+            add_special_tokens=args.add_special_tokens,
+            batch_size=args.dataset_batch_size,
+            num_proc=args.dataset_num_proc,
+        )
+        train_store = prepare_text_dataset(self.train_dataset, tokenizer_dir, settings, run_dir / "data")
+        eval_store = None
+        if self.eval_dataset is not None:
+            eval_store = prepare_text_dataset(self.eval_dataset, tokenizer_dir, settings, run_dir / "data")
+
+        summary_file = run_dir / "summary.json"
+        summary_file.unlink(missing_ok=True)
+        with ProgressReporter(quiet=self.quiet) as progress:
+            spec = TrainSpec(
+                model_dir=str(self.model_dir),
+                tokenizer_dir=str(tokenizer_dir),
+                train_store=str(train_store.path),
+                eval_store=str(eval_store.path) if eval_store else None,
+                checkpoint_dir=str(run_dir / "checkpoints"),
+                export_dir=str(run_dir / "export"),
+                summary_file=str(summary_file),
+                backend=args.backend,
+                cpu_devices_per_host=args.cpu_devices_per_host,
+                dtype=args.dtype,
+                param_dtype=args.param_dtype,
+                export_dtype=args.export_dtype,
+                total_batch_size=args.total_batch_size,
+                num_train_epochs=args.num_train_epochs,
+                max_training_steps=args.max_training_steps,
+                learning_rate=args.learning_rate,
+                learning_rate_end=args.learning_rate_end,
+                scheduler=args.scheduler,
+                warmup_steps=args.warmup_steps,
+                weight_decay=args.weight_decay,
+                clip_grad=args.clip_grad,
+                seed=args.seed,
+                log_steps=args.log_steps,
+                save_steps=args.save_steps,
+                save_total_limit=args.save_total_limit,
+                do_last_save=args.do_last_save,
+                metrics_queue=progress.queue,
+            )
+            self._fit(spec, run_dir)
+        if not summary_file.is_file():
+            raise TrainingFailed(f"training ended without writing {summary_file}")
+        summary = json.loads(summary_file.read_text())
+        return TrainOutput(run_dir, Path(spec.export_dir), Path(spec.checkpoint_dir), summary, progress.records)
+
+    def _fit(self, spec: TrainSpec, run_dir: Path) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.v2.jax import JaxTrainer
+
+        args = self.args
+        env = {"JAX_PLATFORMS": "cpu"} if args.backend == "cpu" else {}
+        trainer = JaxTrainer(
+            train_loop_per_worker,
+            train_loop_config=spec.as_dict(),
+            scaling_config=ScalingConfig(
+                num_workers=args.num_hosts,
+                use_gpu=args.backend == "gpu",
+                use_tpu=args.backend == "tpu",
+                resources_per_worker={"CPU": 1},
+            ),
+            run_config=RunConfig(
+                name="train",
+                storage_path=str(run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=0),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise TrainingFailed(_root_message(result.error)) from result.error
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost error's one-line message: what went wrong on the worker."""
+    seen = set()
+    while error.__cause__ is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"

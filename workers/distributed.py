@@ -1,0 +1,33 @@
+"""Join this host's JAX process to the job's `jax.distributed` group."""
+
+from __future__ import annotations
+
+import socket
+
+import ray.train
+from ray.train.collective import broadcast_from_rank_zero
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_jax_distributed(backend: str, cpu_devices_per_host: int) -> None:
+    """Initialise `jax.distributed` across the Ray Train worker group.
+
+    Ray Train does this itself on TPU; on CPU and GPU rank 0 picks the coordinator
+    address and shares it. Must run before anything touches JAX's backend.
+    """
+    import jax
+
+    if backend == "tpu":
+        return
+    if backend == "cpu":
+        jax.config.update("jax_num_cpu_devices", cpu_devices_per_host)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    address = f"{ray.util.get_node_ip_address()}:{_free_port()}" if rank == 0 else None
+    address = broadcast_from_rank_zero(address)
+    jax.distributed.initialize(address, num_processes=world, process_id=rank)

@@ -1,0 +1,89 @@
+"""`AutoModelForCausalLM.from_pretrained`: a local directory, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from raysft.workers.models.config import LlamaConfig, ModelLoadError, read_hf_config
+from raysft.workers.models.export import save_pretrained
+from raysft.workers.models.gguf_import import convert_gguf
+from raysft.workers.models.llama import LlamaForCausalLM
+from raysft.workers.models.loading import load_params
+from raysft.workers.models.params import ParamLayout
+
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """Local Hugging Face directory for a directory, a `.gguf` file or a hub repo id."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {path} has no config.json")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
+    if _looks_like_repo_id(str(name_or_path)):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+    raise ModelLoadError(f"model directory not found: {path}")
+
+
+def build_layout(cfg: LlamaConfig, dtype, param_dtype) -> ParamLayout:
+    return ParamLayout.of(
+        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """A loaded model: call it for logits, hand it to `SFTTrainer`, or save it."""
+
+    model_dir: Path
+    config: LlamaConfig
+    hf_config: dict[str, Any]
+    layout: ParamLayout
+    params: dict[str, jax.Array]
+    dtype: Any
+    param_dtype: Any
+
+    def __call__(self, input_ids, segment_ids=None, positions=None):
+        """Logits [batch, T, vocab]."""
+        return _forward(self.layout, self.params, jnp.asarray(input_ids), segment_ids, positions)
+
+    def save_pretrained(self, out_dir: str | Path, dtype: str = "float32") -> None:
+        save_pretrained(self.params, self.hf_config, Path(out_dir), dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(layout, params, input_ids, segment_ids, positions):
+    return layout.bind(params)(input_ids, segment_ids, positions)
+
+
+class AutoModelForCausalLM:
+    @staticmethod
+    def from_pretrained(
+        name_or_path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
+    ) -> CausalLM:
+        model_dir = resolve_model_dir(name_or_path)
+        hf_config = read_hf_config(model_dir / "config.json")
+        cfg = LlamaConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
+        layout = build_layout(cfg, dtype, param_dtype)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = load_params(model_dir, layout, lambda name, shape: device)
+        return CausalLM(model_dir, cfg, hf_config, layout, params, dtype, param_dtype)

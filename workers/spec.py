@@ -1,0 +1,45 @@
+"""What a worker is asked to do: plain values, so training never knows how it was started."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    model_dir: str
+    tokenizer_dir: str
+    train_store: str
+    eval_store: str | None
+    checkpoint_dir: str
+    export_dir: str
+    summary_file: str
+    backend: str  # cpu | gpu | tpu
+    cpu_devices_per_host: int
+    dtype: str
+    param_dtype: str
+    export_dtype: str
+    total_batch_size: int
+    num_train_epochs: int
+    max_training_steps: int | None
+    learning_rate: float
+    learning_rate_end: float | None
+    scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    clip_grad: float | None
+    seed: int
+    log_steps: int
+    save_steps: int | None
+    save_total_limit: int | None
+    do_last_save: bool
+    metrics_queue: Any = None  # a ray.util.queue.Queue, or None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Shallow, so the queue handle travels as itself."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        steps = steps_per_epoch * self.num_train_epochs
+        return min(steps, self.max_training_steps) if self.max_training_steps else steps

@@ -1,0 +1,161 @@
+"""The function every host runs under Ray Train: build the mesh, restore or load, train, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from raysft.workers.distributed import init_jax_distributed
+from raysft.workers.spec import TrainSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint that was trained on other data than this run prepares."""
+
+
+def train_loop_per_worker(spec_fields: dict) -> None:
+    spec = TrainSpec(**spec_fields)
+    # orbax logs every save phase through absl at INFO; keep the driver's console readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    init_jax_distributed(spec.backend, spec.cpu_devices_per_host)
+    # JAX is imported only after the distributed runtime is up (TPU hosts lock at import).
+    import jax
+    import jax.numpy as jnp
+
+    from raysft.data.store import RowStore
+    from raysft.workers.batches import global_batch
+    from raysft.workers.checkpoint import Checkpoints, abstract_like
+    from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding, replicated
+    from raysft.workers.models.auto import build_layout
+    from raysft.workers.models.config import LlamaConfig, read_hf_config
+    from raysft.workers.models.export import save_pretrained
+    from raysft.workers.models.loading import load_params
+    from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
+    from raysft.workers.step import make_eval_step, make_train_step
+
+    rank0 = jax.process_index() == 0
+    mesh = global_mesh()
+    model_dir = Path(spec.model_dir)
+    hf_config = read_hf_config(model_dir / "config.json")
+    layout = build_layout(LlamaConfig.from_hf_dict(hf_config), jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype))
+    p_shard = {name: param_sharding(mesh, s.shape) for name, s in layout.shapes.items()}
+    b_shard = batch_sharding(mesh)
+
+    store = RowStore(spec.train_store)
+    eval_store = RowStore(spec.eval_store) if spec.eval_store else None
+    batch = spec.total_batch_size
+    batch_devices = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if batch % batch_devices:
+        raise ValueError(f"total_batch_size {batch} is not divisible by the {batch_devices} data-parallel devices")
+    steps_per_epoch = store.steps_per_epoch(batch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training data has {store.num_rows} rows, fewer than total_batch_size {batch}")
+    total_steps = spec.total_steps(steps_per_epoch)
+    optimizer = build_optimizer(spec, total_steps)
+    schedule = learning_rate_schedule(spec, total_steps)
+
+    abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p_shard[n]) for n, s in layout.shapes.items()}
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shard = jax.tree_util.tree_map_with_path(
+        lambda path, _: p_shard.get(getattr(path[-1], "key", None), replicated(mesh)), abstract_opt
+    )
+
+    ckpts = Checkpoints(spec.checkpoint_dir, spec.save_steps, spec.save_total_limit)
+    start_step = ckpts.latest_step()
+    if start_step is None:
+        start_step = 0
+        params = load_params(model_dir, layout, lambda name, shape: p_shard[name])
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+    else:
+        params, opt_state, meta = ckpts.restore(start_step, abstract_params, abstract_like(abstract_opt, opt_shard))
+        if meta["data_fingerprint"] != store.fingerprint:
+            raise ResumeMismatch(
+                f"checkpoint step {start_step} in {spec.checkpoint_dir} was trained on data "
+                f"{meta['data_fingerprint']}, this run prepared {store.fingerprint}; "
+                "use a new model_name or save_directory to start over"
+            )
+
+    train_step = make_train_step(layout, optimizer, (p_shard, opt_shard))
+    eval_step = make_eval_step(layout)
+
+    def evaluate(params) -> float | None:
+        if eval_store is None:
+            return None
+        sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
+        loss_sum, weight_sum, _ = (float(sum(s[i] for s in sums)) for i in range(3))
+        return loss_sum / max(weight_sum, 1.0)
+
+    def publish(record: dict) -> None:
+        if rank0 and spec.metrics_queue is not None:
+            spec.metrics_queue.put(record)
+
+    meta = {"data_fingerprint": store.fingerprint}
+    eval_loss_start = evaluate(params)
+    publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
+
+    step, last_loss = start_step, None
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < total_steps:
+        rows = store.step_rows(spec.seed, step, batch)
+        params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
+        window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
+        step += 1
+        if ckpts.due(step) and step < total_steps:
+            ckpts.save(step, params, opt_state, meta)
+        if step % spec.log_steps == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)  # the only host sync, once per log step
+            elapsed = time.perf_counter() - window_start
+            last_loss = float(metrics["loss"])
+            publish(
+                {
+                    "event": "step",
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "loss": last_loss,
+                    "learning_rate": float(schedule(step - 1)),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "token_accuracy": float(metrics["token_accuracy"]),
+                    "tokens_per_second": float(window_tokens) / max(elapsed, 1e-9),
+                }
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+    if spec.do_last_save and step > start_step:
+        ckpts.save(step, params, opt_state, meta)
+    ckpts.close()
+    eval_loss_end = evaluate(params)
+
+    export_dir = Path(spec.export_dir)
+    save_pretrained(params, hf_config, export_dir, dtype=spec.export_dtype)
+    summary = {
+        "start_step": start_step,
+        "final_step": step,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "train_loss": last_loss,
+        "eval_loss_start": eval_loss_start,
+        "eval_loss_end": eval_loss_end,
+        "process_count": jax.process_count(),
+        "mesh_devices": int(mesh.devices.size),
+        "mesh_shape": dict(mesh.shape),
+        "data_fingerprint": store.fingerprint,
+        "export_dir": str(export_dir),
+        "checkpoint_dir": spec.checkpoint_dir,
+        "spec": {k: v for k, v in spec.as_dict().items() if k != "metrics_queue"},
+    }
+    if rank0:
+        _copy_tokenizer_and_generation_config(Path(spec.tokenizer_dir), model_dir, export_dir)
+        Path(spec.summary_file).write_text(json.dumps(summary, indent=2))
+    publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
+
+
+def _copy_tokenizer_and_generation_config(tokenizer_dir: Path, model_dir: Path, export_dir: Path) -> None:
+    for file in TOKENIZER_FILES:
+        if (tokenizer_dir / file).is_file():
+            shutil.copy2(tokenizer_dir / file, export_dir / file)
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy2(model_dir / "generation_config.json", export_dir / "generation_config.json")

@@ -78,7 +78,10 @@ def read_rows(source: Any, text_field: str) -> ray.data.Dataset:
     elif isinstance(source, ray.data.Dataset):
         ds, names = source, source.columns()
     elif type(source).__module__.startswith("datasets"):
-        ds, names = ray.data.from_huggingface(source), list(source.column_names)
+        names = list(source.column_names)
+        if text_field not in names:
+            raise _missing_column(source, text_field, names)
+        ds = ray.data.from_huggingface(source)
     else:
         raise DataError(
             f"unsupported dataset type {type(source).__name__}; pass a file path, datasets.Dataset or ray.data.Dataset"

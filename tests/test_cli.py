@@ -1,0 +1,36 @@
+"""The command line: the seed's flags, YAML configs, and one-line errors."""
+
+from __future__ import annotations
+
+from pydantic_settings import CliApp
+
+from raysft.orchestrator.cli import SFTCommand, accept_bare_bool_flags, main
+
+
+def _parse(argv):
+    return CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv))
+
+
+def test_seed_command_line_parses():
+    command = _parse(
+        "--repo_id meta-llama/Llama-3.1-8B-Instruct --dataset_name train.jsonl --dataset_text_field messages "
+        "--max_sequence_length 2048 --packing True --total_batch_size 16 --learning_rate 2e-5 "
+        "--learning_rate_end 5e-6 --num_train_epochs 3 --do_last_save --save_steps 1000".split()
+    )
+    cfg = command.sft_config()
+    assert command.repo_id == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (cfg.packing, cfg.do_last_save, cfg.save_steps, cfg.learning_rate_end) == (True, True, 1000, 5e-6)
+    assert cfg.dataset_text_field == "messages"
+
+
+def test_flags_override_yaml(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 1.0e-4\nmodel_name: from_yaml\n")
+    cfg = _parse(["--config", str(yaml_file), "--repo_id", "m", "--dataset_name", "d", "--learning_rate", "3e-4"]).sft_config()
+    assert (cfg.learning_rate, cfg.model_name) == (3e-4, "from_yaml")
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "absent"
+    assert main(["sft", "--repo_id", str(missing), "--dataset_name", "d.jsonl"]) == 2
+    assert capsys.readouterr().err == f"raysft sft: model directory not found: {missing}\n"

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+import raysft as rs
+
+
+def test_defaults_follow_the_seed():
+    cfg = rs.SFTConfig()
+    assert (cfg.learning_rate, cfg.packing, cfg.add_special_tokens, cfg.total_batch_size) == (2e-5, False, False, 16)
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ValidationError, match="learning_rat\n  Extra inputs are not permitted"):
+        rs.SFTConfig(learning_rat=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"learning_rate": 0}, "learning_rate\n  Input should be greater than 0"),
+        ({"max_sequence_length": 1}, "max_sequence_length\n  Input should be greater than 1"),
+        ({"scheduler": "none", "learning_rate_end": 1e-6}, "learning_rate_end is set but scheduler is 'none'"),
+        ({"total_batch_size": 6, "num_hosts": 2}, "total_batch_size 6 must be a multiple of the 4 devices"),
+        ({"dtype": "float16"}, "dtype\n  Input should be 'float32' or 'bfloat16'"),
+    ],
+)
+def test_invalid_values_are_named(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        rs.SFTConfig(**fields)
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name: demo\nlearning_rate: 1.0e-4\nnum_hosts: 2\ntotal_batch_size: 8\n")
+    cfg = rs.SFTConfig.from_yaml(path, save_directory=str(tmp_path))
+    assert (cfg.model_name, cfg.learning_rate, cfg.num_hosts) == ("demo", 1e-4, 2)
+    assert cfg.run_dir == tmp_path / "demo"

@@ -1,0 +1,102 @@
+"""The whole path on a real 2-host local Ray cluster: Ray Data, JaxTrainer, jax.distributed,
+orbax resume and Hugging Face export, on a tiny model and a tokenizer trained here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM as TorchAutoModel
+from transformers import AutoTokenizer
+
+import raysft as rs
+from conftest import CORPUS, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    write_jsonl(out / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)], "id": i} for i in range(48)])
+    write_jsonl(out / "eval.jsonl", [{"text": text, "id": i} for i, text in enumerate(CORPUS)])
+    return out
+
+
+def _config(tmp_path, **overrides) -> rs.SFTConfig:
+    settings = dict(
+        model_name="e2e",
+        save_directory=str(tmp_path / "runs"),
+        max_sequence_length=64,
+        total_batch_size=8,
+        num_hosts=2,
+        cpu_devices_per_host=2,
+        learning_rate=3e-3,
+        max_training_steps=4,
+        num_train_epochs=5,
+        save_steps=2,
+        log_steps=1,
+    )
+    return rs.SFTConfig(**{**settings, **overrides})
+
+
+def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = dict(train_dataset=datasets_dir / "train.jsonl", eval_dataset=datasets_dir / "eval.jsonl")
+
+    first = rs.SFTTrainer(arguments=_config(tmp_path), model=model, processing_class=tokenizer, **data).train()
+
+    summary = first.summary
+    assert summary["process_count"] == 2
+    assert summary["mesh_devices"] == 4
+    assert (summary["start_step"], summary["final_step"]) == (0, 4)
+    assert summary["eval_loss_end"] < summary["eval_loss_start"]
+    losses = [r["loss"] for r in first.metrics if r["event"] == "step"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(int(p.name) for p in first.checkpoint_dir.iterdir() if p.name.isdigit()) == [2, 4]
+
+    # The same run asked for more steps continues from its last checkpoint.
+    second = rs.SFTTrainer(
+        arguments=_config(tmp_path, max_training_steps=6), model=tiny_model_dir, processing_class=tokenizer, **data
+    ).train()
+    assert (second.summary["start_step"], second.summary["final_step"]) == (4, 6)
+    assert [r["step"] for r in second.metrics if r["event"] == "step"] == [5, 6]
+
+    # transformers loads the export and computes what our model computes from it.
+    ids = np.array([tokenizer(CORPUS[0])["input_ids"] + tokenizer(CORPUS[1])["input_ids"]])[:, :48]
+    reference = TorchAutoModel.from_pretrained(second.export_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = reference(torch.from_numpy(ids)).logits.numpy()
+    ours = np.asarray(rs.AutoModelForCausalLM.from_pretrained(second.export_dir)(ids))
+    np.testing.assert_allclose(ours, ref_logits, atol=1e-4, rtol=0)
+    before = np.asarray(model(ids))
+    assert np.abs(ours - before).max() > 1e-2, "export must hold the trained weights"
+    assert AutoTokenizer.from_pretrained(second.export_dir)(CORPUS[0])["input_ids"] == tokenizer(CORPUS[0])["input_ids"]
+
+
+def test_missing_text_field_lists_columns(local_ray, tmp_path, tiny_model_dir, datasets_dir):
+    trainer = rs.SFTTrainer(
+        arguments=_config(tmp_path, dataset_text_field="content"),
+        model=tiny_model_dir,
+        train_dataset=datasets_dir / "train.jsonl",
+    )
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert message == (
+        f"{datasets_dir / 'train.jsonl'}: dataset_text_field 'content' is not a column; "
+        "available columns: text, id"
+    )
+
+
+def test_missing_model_directory_is_named(tmp_path, datasets_dir):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=f"^model directory not found: {missing}$"):
+        rs.SFTTrainer(arguments=_config(tmp_path), model=missing, train_dataset=datasets_dir / "train.jsonl")

@@ -105,7 +105,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
         window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
         step += 1
-        if ckpts.due(step) and step < total_steps:
+        if ckpts.due(step) or (step == total_steps and spec.do_last_save):
             ckpts.save(step, params, opt_state, meta)
         if step % spec.log_steps == 0 or step == total_steps:
             metrics = jax.device_get(metrics)  # the only host sync, once per log step
@@ -124,8 +124,6 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                 }
             )
             window_start, window_tokens = time.perf_counter(), 0
-    if spec.do_last_save and step > start_step:
-        ckpts.save(step, params, opt_state, meta)
     ckpts.close()
     eval_loss_end = evaluate(params)
 

@@ -86,3 +86,10 @@ def test_model_directory_without_weights_names_the_path(tmp_path):
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=f"no model.safetensors .* in model directory {model_dir}"):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_model_directory_without_config_names_the_path(tmp_path):
+    model_dir = save_tiny_llama(tmp_path, vocab_size=97)
+    (model_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match=f"^model directory {model_dir} has no config.json$"):
+        rs.AutoModelForCausalLM.from_pretrained(model_dir)

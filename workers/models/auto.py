@@ -39,8 +39,15 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
     if _looks_like_repo_id(str(name_or_path)):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+        try:
+            return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(
+                f"model {name_or_path!r} is not a local directory and the hub download failed: {first_line}"
+            ) from None
     raise ModelLoadError(f"model directory not found: {path}")
 
 

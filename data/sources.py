@@ -63,12 +63,17 @@ def read_json_lines(path: Path, text_field: str) -> ray.data.Dataset:
     return ray.data.from_items(rows)
 
 
+def _existing_file(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    return path
+
+
 def read_rows(source: Any, text_field: str) -> ray.data.Dataset:
     """A Ray Dataset with `text_field` (and row numbers where known) from any source."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
+        path = _existing_file(source)
         if path.suffix in JSON_LINES:
             return read_json_lines(path, text_field)
         if path.suffix != PARQUET:
@@ -95,7 +100,7 @@ def fingerprint(source: Any) -> str:
     """Identifies the source's content: file bytes, a `datasets` fingerprint, or a Ray plan."""
     if isinstance(source, (str, Path)):
         digest = hashlib.sha256()
-        with open(source, "rb") as f:
+        with open(_existing_file(source), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()

@@ -43,7 +43,7 @@ def accept_bare_bool_flags(argv: list[str]) -> list[str]:
 
 
 def run_sft(argv: list[str]) -> int:
-    from raysft.orchestrator.trainer import SFTTrainer
+    from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed
 
     try:
         command = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv))
@@ -59,6 +59,9 @@ def run_sft(argv: list[str]) -> int:
     except ValueError as err:  # bad model or data: already one line naming what is wrong
         print(f"raysft sft: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as err:
+        print(f"raysft sft: training failed: {err}", file=sys.stderr)
+        return 1
     print(f"exported: {output.export_dir}")
     return 0
 

@@ -72,13 +72,20 @@ class SFTTrainer:
             seq_len=args.max_sequence_length,
             packing=args.packing,
             add_special_tokens=args.add_special_tokens,
-            batch_size=args.dataset_batch_size,
-            num_proc=args.dataset_num_proc,
         )
-        train_store = prepare_text_dataset(self.train_dataset, tokenizer_dir, settings, run_dir / "data")
-        eval_store = None
-        if self.eval_dataset is not None:
-            eval_store = prepare_text_dataset(self.eval_dataset, tokenizer_dir, settings, run_dir / "data")
+
+        def prepare(dataset):
+            return prepare_text_dataset(
+                dataset,
+                tokenizer_dir,
+                settings,
+                run_dir / "data",
+                batch_size=args.dataset_batch_size,
+                num_proc=args.dataset_num_proc,
+            )
+
+        train_store = prepare(self.train_dataset)
+        eval_store = prepare(self.eval_dataset) if self.eval_dataset is not None else None
 
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
@@ -91,26 +98,8 @@ class SFTTrainer:
                 checkpoint_dir=str(run_dir / "checkpoints"),
                 export_dir=str(run_dir / "export"),
                 summary_file=str(summary_file),
-                backend=args.backend,
-                cpu_devices_per_host=args.cpu_devices_per_host,
-                dtype=args.dtype,
-                param_dtype=args.param_dtype,
-                export_dtype=args.export_dtype,
-                total_batch_size=args.total_batch_size,
-                num_train_epochs=args.num_train_epochs,
-                max_training_steps=args.max_training_steps,
-                learning_rate=args.learning_rate,
-                learning_rate_end=args.learning_rate_end,
-                scheduler=args.scheduler,
-                warmup_steps=args.warmup_steps,
-                weight_decay=args.weight_decay,
-                clip_grad=args.clip_grad,
-                seed=args.seed,
-                log_steps=args.log_steps,
-                save_steps=args.save_steps,
-                save_total_limit=args.save_total_limit,
-                do_last_save=args.do_last_save,
                 metrics_queue=progress.queue,
+                **{name: getattr(args, name) for name in TrainSpec.config_fields()},
             )
             self._fit(spec, run_dir)
         if not summary_file.is_file():
@@ -119,7 +108,7 @@ class SFTTrainer:
         return TrainOutput(run_dir, Path(spec.export_dir), Path(spec.checkpoint_dir), summary, progress.records)
 
     def _fit(self, spec: TrainSpec, run_dir: Path) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.v2.jax import JaxTrainer
 
         args = self.args
@@ -139,16 +128,15 @@ class SFTTrainer:
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise TrainingFailed(_root_message(result.error)) from result.error
+        try:
+            trainer.fit()
+        except TrainingFailedError as err:
+            raise TrainingFailed(_first_failure(err)) from err
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost error's one-line message: what went wrong on the worker."""
-    seen = set()
-    while error.__cause__ is not None and id(error) not in seen:
-        seen.add(id(error))
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"
+def _first_failure(error: TrainingFailedError) -> str:
+    """One line saying what failed on the lowest failing rank (or the controller)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(error, "controller_failure", error)
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"

@@ -69,6 +69,16 @@ def save_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, **overrides) 
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the session, with more logical CPUs than the 2 cores."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(out)

@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-import ray
 from transformers import AutoTokenizer
 
 from conftest import write_jsonl
@@ -15,13 +14,6 @@ from raysft.data.prepare import TextDataSettings, prepare_text_dataset
 from raysft.data.rows import best_fit_decreasing, build_rows
 from raysft.data.store import RowStore
 from raysft.data.tokenize import TokenizeText
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_tokenize_appends_eos_and_never_trains_the_first_token(tokenizer_dir):

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM as TorchAutoModel
 from transformers import AutoTokenizer
 
 import raysft as rs
 from conftest import CORPUS, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +71,15 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     before = np.asarray(model(ids))
     assert np.abs(ours - before).max() > 1e-2, "export must hold the trained weights"
     assert AutoTokenizer.from_pretrained(second.export_dir)(CORPUS[0])["input_ids"] == tokenizer(CORPUS[0])["input_ids"]
+
+    # The same run directory with other training data: refused, not silently mixed.
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": CORPUS[0]}] * 16)
+    changed = rs.SFTTrainer(
+        arguments=_config(tmp_path, max_training_steps=8), model=tiny_model_dir, processing_class=tokenizer,
+        train_dataset=other,
+    )
+    with pytest.raises(rs.TrainingFailed, match=r"ResumeMismatch: checkpoint step 6 in .*checkpoints was trained on data"):
+        changed.train()
 
 
 def test_missing_text_field_lists_columns(local_ray, tmp_path, tiny_model_dir, datasets_dir):

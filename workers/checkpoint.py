@@ -9,6 +9,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint that was trained on other data than this run prepares."""
+
+
 class Checkpoints:
     """Params, optimizer state and run metadata (step, data fingerprint) per step."""
 
@@ -40,15 +44,22 @@ class Checkpoints:
             force=True,
         )
 
-    def restore(self, step: int, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict[str, Any]]:
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_fingerprint: str) -> tuple[Any, Any]:
+        """(params, opt_state) of `step`, refused if it was trained on other data."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if meta["data_fingerprint"] != data_fingerprint:
+            raise ResumeMismatch(
+                f"checkpoint step {step} in {self.manager.directory} was trained on data "
+                f"{meta['data_fingerprint']}, this run prepared {data_fingerprint}; "
+                "use a new model_name or save_directory to start over"
+            )
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore({"params": abstract_params, "opt_state": abstract_opt_state}),
-                meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state["params"], restored.state["opt_state"], restored.meta
+        return restored.state["params"], restored.state["opt_state"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

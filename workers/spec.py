@@ -6,6 +6,13 @@ import dataclasses
 from typing import Any
 
 
+# Paths and handles the driver derives for this run; every other field is a config value.
+_RUN_FIELDS = {
+    "model_dir", "tokenizer_dir", "train_store", "eval_store", "checkpoint_dir",
+    "export_dir", "summary_file", "metrics_queue",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
     model_dir: str
@@ -15,7 +22,7 @@ class TrainSpec:
     checkpoint_dir: str
     export_dir: str
     summary_file: str
-    backend: str  # cpu | gpu | tpu
+    backend: str  # cpu | gpu
     cpu_devices_per_host: int
     dtype: str
     param_dtype: str
@@ -35,6 +42,11 @@ class TrainSpec:
     save_total_limit: int | None
     do_last_save: bool
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
+
+    @classmethod
+    def config_fields(cls) -> list[str]:
+        """Fields taken as they are from `SFTConfig` fields of the same name."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in _RUN_FIELDS]
 
     def as_dict(self) -> dict[str, Any]:
         """Shallow, so the queue handle travels as itself."""

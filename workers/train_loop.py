@@ -11,13 +11,6 @@ from pathlib import Path
 from raysft.workers.distributed import init_jax_distributed
 from raysft.workers.spec import TrainSpec
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-class ResumeMismatch(ValueError):
-    """A checkpoint that was trained on other data than this run prepares."""
-
-
 def train_loop_per_worker(spec_fields: dict) -> None:
     spec = TrainSpec(**spec_fields)
     # orbax logs every save phase through absl at INFO; keep the driver's console readable.
@@ -72,13 +65,9 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         params = load_params(model_dir, layout, lambda name, shape: p_shard[name])
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
     else:
-        params, opt_state, meta = ckpts.restore(start_step, abstract_params, abstract_like(abstract_opt, opt_shard))
-        if meta["data_fingerprint"] != store.fingerprint:
-            raise ResumeMismatch(
-                f"checkpoint step {start_step} in {spec.checkpoint_dir} was trained on data "
-                f"{meta['data_fingerprint']}, this run prepared {store.fingerprint}; "
-                "use a new model_name or save_directory to start over"
-            )
+        params, opt_state = ckpts.restore(
+            start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint
+        )
 
     train_step = make_train_step(layout, optimizer, (p_shard, opt_shard))
     eval_step = make_eval_step(layout)
@@ -152,8 +141,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
 
 def _copy_tokenizer_and_generation_config(tokenizer_dir: Path, model_dir: Path, export_dir: Path) -> None:
-    for file in TOKENIZER_FILES:
-        if (tokenizer_dir / file).is_file():
-            shutil.copy2(tokenizer_dir / file, export_dir / file)
+    # The run's tokenizer directory holds exactly what `save_pretrained` wrote.
+    shutil.copytree(tokenizer_dir, export_dir, dirs_exist_ok=True)
     if (model_dir / "generation_config.json").is_file():
         shutil.copy2(model_dir / "generation_config.json", export_dir / "generation_config.json")

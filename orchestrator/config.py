@@ -45,6 +45,19 @@ class SFTConfig(BaseModel):
     param_dtype: DType = Field("float32", description="Parameter (and optimizer state) dtype.")
     export_dtype: DType = Field("float32", description="dtype of the exported safetensors.")
 
+    # Model computation
+    attn_mechanism: Literal["auto", "vanilla", "blocked", "dot_product", "splash"] = Field(
+        "auto", description="Attention kernel: auto picks splash on TPU, cuDNN on GPU, blocked on CPU."
+    )
+    gradient_checkpointing: Literal[
+        "none", "full", "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"
+    ] = Field("none", description="Rematerialisation policy of each decoder layer (jax.checkpoint).")
+    scan_layers: bool = Field(False, description="Scan over stacked decoder layers: compile time flat in depth.")
+    loss_chunk_size: int | None = Field(
+        1024, gt=0, description="Positions per cross-entropy chunk; full logits are never stored (None: no chunking)."
+    )
+    z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss, z_loss * mean(log Z^2).")
+
     # Checkpoints, logging
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints.")

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-# Keep each test process's JAX on the CPU with two devices, as the workers use.
+# Keep each test process's JAX on the CPU, with four devices so in-process meshes are real.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -42,11 +45,18 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 128):
     return fast
 
 
-def save_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, **overrides) -> Path:
-    """A random tiny LlamaForCausalLM saved by transformers (fp32 safetensors)."""
+def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random tiny causal LM of `architecture` (llama, mistral, qwen2, qwen3) saved by
+    transformers as fp32 safetensors."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[architecture]
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -54,6 +64,7 @@ def save_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, **overrides) 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -63,7 +74,11 @@ def save_tiny_llama(out_dir: Path, vocab_size: int, seed: int = 0, **overrides) 
     )
     settings.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    model = model_class(config_class(**settings)).eval()
+    with torch.no_grad():  # transformers zero-initialises biases; make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -91,7 +106,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_llama")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    save_tiny_llama(out, vocab)
+    save_tiny_model(out, vocab)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
 

@@ -37,3 +37,14 @@ def test_yaml_round_trip(tmp_path):
     cfg = rs.SFTConfig.from_yaml(path, save_directory=str(tmp_path))
     assert (cfg.model_name, cfg.learning_rate, cfg.num_hosts) == ("demo", 1e-4, 2)
     assert cfg.run_dir == tmp_path / "demo"
+
+
+def test_importing_raysft_leaves_the_jax_backend_alone():
+    # Workers set their device count and join jax.distributed after importing raysft;
+    # any JAX computation at import time would make that fail.
+    import subprocess
+    import sys
+
+    code = "import raysft; from jax._src import xla_bridge; print(bool(xla_bridge._backends))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

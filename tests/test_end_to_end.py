@@ -34,6 +34,11 @@ def _config(tmp_path, **overrides) -> rs.SFTConfig:
         num_train_epochs=5,
         save_steps=2,
         log_steps=1,
+        # The memory options on the multi-host path: stacked layers are fsdp-sharded,
+        # checkpointed and exported per layer.
+        scan_layers=True,
+        gradient_checkpointing="dots_saveable",
+        loss_chunk_size=16,
     )
     return rs.SFTConfig(**{**settings, **overrides})
 
@@ -71,6 +76,7 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     before = np.asarray(model(ids))
     assert np.abs(ours - before).max() > 1e-2, "export must hold the trained weights"
     assert AutoTokenizer.from_pretrained(second.export_dir)(CORPUS[0])["input_ids"] == tokenizer(CORPUS[0])["input_ids"]
+    assert (second.export_dir / "generation_config.json").is_file()
 
     # The same run directory with other training data: refused, not silently mixed.
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": CORPUS[0]}] * 16)

@@ -1,4 +1,5 @@
-"""Our Flax Llama against transformers' PyTorch implementation (the reference)."""
+"""Our Flax decoder against transformers' PyTorch implementations (the reference), and the
+Hugging Face export read back by transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import raysft as rs
-from conftest import save_tiny_llama
+from conftest import save_tiny_model
 
 
 def _reference_logits(model_dir, input_ids: np.ndarray) -> np.ndarray:
@@ -18,37 +19,48 @@ def _reference_logits(model_dir, input_ids: np.ndarray) -> np.ndarray:
         return ref(torch.from_numpy(input_ids)).logits.numpy()
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},
-        {"tie_word_embeddings": True, "num_key_value_heads": 1},
-        {"num_key_value_heads": 4, "head_dim": 16},
-        {
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            }
-        },
-    ],
-    ids=["untied-gqa2", "tied-mqa", "mha-headdim16", "llama3-rope"],
-)
-def test_logits_match_transformers(tmp_path, overrides):
-    model_dir = save_tiny_llama(tmp_path, vocab_size=97, **overrides)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+# (architecture, config overrides): every switch the supported architectures have.
+VARIANTS = {
+    "llama-untied-gqa2": ("llama", {}),
+    "llama-tied-mqa": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "llama-mha-headdim16": ("llama", {"num_key_value_heads": 4, "head_dim": 16}),
+    "llama3-rope": ("llama", {"rope_scaling": LLAMA3_ROPE}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "mistral-window": ("mistral", {"sliding_window": 6}),
+    "mistral-no-window": ("mistral", {"sliding_window": None}),
+    "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2-window-from-layer-1": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "qwen3-headdim16": ("qwen3", {"head_dim": 16, "num_key_value_heads": 1}),
+    "qwen3-bias-window": ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
+}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scanned"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant, scan_layers):
+    architecture, overrides = VARIANTS[variant]
+    model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture=architecture, **overrides)
     input_ids = np.random.default_rng(0).integers(0, 97, size=(2, 48)).astype(np.int64)
 
-    ours = np.asarray(rs.AutoModelForCausalLM.from_pretrained(model_dir)(input_ids))
+    model = rs.AutoModelForCausalLM.from_pretrained(model_dir, scan_layers=scan_layers)
+    ours = np.asarray(model(input_ids))
     ref = _reference_logits(model_dir, input_ids)
 
     assert ours.shape == ref.shape == (2, 48, 97)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_packed_segments_match_documents_run_alone(tmp_path):
-    model_dir = save_tiny_llama(tmp_path, vocab_size=97)
+@pytest.mark.parametrize("variant", ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window"])
+def test_packed_segments_match_documents_run_alone(tmp_path, variant):
+    architecture, overrides = VARIANTS[variant]
+    model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture=architecture, **overrides)
     model = rs.AutoModelForCausalLM.from_pretrained(model_dir)
     rng = np.random.default_rng(1)
     docs = [rng.integers(0, 97, size=n) for n in (7, 12, 5)]
@@ -67,11 +79,11 @@ def test_packed_segments_match_documents_run_alone(tmp_path):
 def test_unsupported_architecture_is_named(tmp_path):
     import json
 
-    model_dir = save_tiny_llama(tmp_path, vocab_size=97)
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
     config = json.loads((model_dir / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
 
 
@@ -82,14 +94,60 @@ def test_missing_model_directory_names_the_path(tmp_path):
 
 
 def test_model_directory_without_weights_names_the_path(tmp_path):
-    model_dir = save_tiny_llama(tmp_path, vocab_size=97)
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=f"no model.safetensors .* in model directory {model_dir}"):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
 
 
 def test_model_directory_without_config_names_the_path(tmp_path):
-    model_dir = save_tiny_llama(tmp_path, vocab_size=97)
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
     (model_dir / "config.json").unlink()
     with pytest.raises(ValueError, match=f"^model directory {model_dir} has no config.json$"):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_round_trip_loads_in_transformers(tmp_path, monkeypatch, dtype):
+    import json
+
+    from raysft.workers.models import export
+
+    architecture, overrides = VARIANTS["qwen3-headdim16"]
+    source = save_tiny_model(tmp_path / "source", vocab_size=97, architecture=architecture, **overrides)
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "max_new_tokens": 7}))
+    monkeypatch.setattr(export, "SHARD_BYTES", 20_000)  # force several files and an index
+    model = rs.AutoModelForCausalLM.from_pretrained(source, scan_layers=True)
+    out = tmp_path / "exported"
+    model.save_pretrained(out, dtype=dtype)
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+    input_ids = np.random.default_rng(3).integers(0, 97, size=(2, 40)).astype(np.int64)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    stored = {p.dtype for p in AutoModelForCausalLM.from_pretrained(out).parameters()}
+    assert stored == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(input_ids)).logits.numpy()
+    # fp32 export is lossless; bf16 rounds the weights, so compare against the rounded model.
+    ours = np.asarray(model(input_ids)) if dtype == "float32" else np.asarray(rs.AutoModelForCausalLM.from_pretrained(out)(input_ids))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_params_and_compute_track_float32(tmp_path):
+    import jax.numpy as jnp
+
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
+    input_ids = np.random.default_rng(4).integers(0, 97, size=(2, 32))
+    full = np.asarray(rs.AutoModelForCausalLM.from_pretrained(model_dir)(input_ids))
+    half = rs.AutoModelForCausalLM.from_pretrained(model_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {p.dtype for p in half.params.values()} == {jnp.dtype(jnp.bfloat16)}
+    logits = half(input_ids)
+    assert logits.dtype == jnp.bfloat16
+    # bf16 keeps 8 bits of mantissa: logits of magnitude ~1 agree to a few 1e-2.
+    np.testing.assert_allclose(np.asarray(logits, np.float32), full, atol=5e-2, rtol=0)

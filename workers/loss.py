@@ -1,22 +1,65 @@
-"""Next-token cross-entropy weighted per target token."""
+"""Next-token cross-entropy weighted per target token, computed a chunk of rows' positions
+at a time so the [batch, T, vocab] logits never exist all at once."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def weighted_token_loss(logits_BxTxV, input_ids_BxT, loss_weights_BxT):
-    """(sum of weighted token losses, sum of weights, weighted correct predictions).
+def _shifted_targets(input_ids_BxT, loss_weights_BxT):
+    """Position t predicts token t+1 with weight `loss_weights[t+1]`; the last predicts nothing."""
+    targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
+    weights_BxT = jnp.pad(loss_weights_BxT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    return targets_BxT, weights_BxT
 
-    Position t predicts token t+1 with weight `loss_weights[t+1]`. Sums rather than a
-    mean, so the caller divides once by the weight of the whole global batch.
+
+def _chunk_sums(logits_BxCxV, targets_BxC, weights_BxC):
+    logits_BxCxV = logits_BxCxV.astype(jnp.float32)
+    log_norm_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    correct_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+    return {
+        "loss_sum": jnp.sum((log_norm_BxC - target_logit_BxC) * weights_BxC),
+        "z_sum": jnp.sum(jnp.square(log_norm_BxC) * weights_BxC),
+        "correct": jnp.sum(correct_BxC * weights_BxC),
+        "weight_sum": jnp.sum(weights_BxC),
+    }
+
+
+def token_loss_sums(
+    hidden_BxTxD,
+    head: Callable,
+    input_ids_BxT,
+    loss_weights_BxT,
+    chunk_size: int | None = None,
+) -> dict[str, jax.Array]:
+    """Sums over the batch: weighted token losses, weighted squared log-normalisers (for
+    z-loss), weighted correct argmax predictions, and the weights.
+
+    `head` maps hidden states [B, C, D] to logits [B, C, V]. With `chunk_size`, the
+    sequence is cut into chunks of that many positions and each chunk's logits are
+    recomputed in the backward pass instead of stored. Sums rather than means, so the
+    caller divides once by the weight of the whole global batch.
     """
-    logits_BxSxV = logits_BxTxV[:, :-1].astype(jnp.float32)
-    targets_BxS = input_ids_BxT[:, 1:]
-    weights_BxS = loss_weights_BxT[:, 1:].astype(jnp.float32)
-    log_norm_BxS = jax.nn.logsumexp(logits_BxSxV, axis=-1)
-    target_logit_BxS = jnp.take_along_axis(logits_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
-    loss_sum = jnp.sum((log_norm_BxS - target_logit_BxS) * weights_BxS)
-    correct = jnp.sum((jnp.argmax(logits_BxSxV, axis=-1) == targets_BxS) * weights_BxS)
-    return loss_sum, jnp.sum(weights_BxS), correct
+    targets_BxT, weights_BxT = _shifted_targets(input_ids_BxT, loss_weights_BxT)
+    b, t, d = hidden_BxTxD.shape
+    if not chunk_size or chunk_size >= t:
+        return _chunk_sums(head(hidden_BxTxD), targets_BxT, weights_BxT)
+    chunks = -(-t // chunk_size)
+    pad = chunks * chunk_size - t  # padded positions have weight 0
+    hidden_NxBxCxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, chunk_size, d).swapaxes(0, 1)
+    targets_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(b, chunks, chunk_size).swapaxes(0, 1)
+    weights_NxBxC = jnp.pad(weights_BxT, ((0, 0), (0, pad))).reshape(b, chunks, chunk_size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(totals, xs):
+        hidden_BxCxD, targets_BxC, weights_BxC = xs
+        sums = _chunk_sums(head(hidden_BxCxD), targets_BxC, weights_BxC)
+        return jax.tree.map(jnp.add, totals, sums), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_sum", "correct", "weight_sum")}
+    totals, _ = jax.lax.scan(one_chunk, zeros, (hidden_NxBxCxD, targets_NxBxC, weights_NxBxC))
+    return totals

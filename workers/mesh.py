@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from raysft.workers.models.params import is_stacked
+
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
 
@@ -23,12 +25,16 @@ def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1) -> Mesh:
     return Mesh(np.array(devices).reshape(dims), AXES)
 
 
-def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """FSDP: split the largest dimension that the fsdp axis divides; else replicate."""
+def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
+    """FSDP: split the largest dimension that the fsdp axis divides; else replicate.
+
+    The layer axis of scanned layers is never split: each scan step needs its whole layer.
+    """
     size = mesh.shape["fsdp"]
     spec = [None] * len(shape)
     if size > 1:
-        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        dims = range(1 if is_stacked(name) else 0, len(shape))
+        for dim in sorted(dims, key=lambda d: -shape[d]):
             if shape[dim] % size == 0:
                 spec[dim] = "fsdp"
                 break

@@ -27,6 +27,11 @@ class TrainSpec:
     dtype: str
     param_dtype: str
     export_dtype: str
+    attn_mechanism: str
+    gradient_checkpointing: str
+    scan_layers: bool
+    loss_chunk_size: int | None
+    z_loss: float
     total_batch_size: int
     num_train_epochs: int
     max_training_steps: int | None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -25,9 +24,10 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.checkpoint import Checkpoints, abstract_like
     from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding, replicated
     from raysft.workers.models.auto import build_layout
-    from raysft.workers.models.config import LlamaConfig, read_hf_config
-    from raysft.workers.models.export import save_pretrained
+    from raysft.workers.models.config import ModelConfig, read_hf_config
+    from raysft.workers.models.export import save_pretrained, write_assets
     from raysft.workers.models.loading import load_params
+    from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
     from raysft.workers.step import make_eval_step, make_train_step
 
@@ -35,8 +35,10 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     mesh = global_mesh()
     model_dir = Path(spec.model_dir)
     hf_config = read_hf_config(model_dir / "config.json")
-    layout = build_layout(LlamaConfig.from_hf_dict(hf_config), jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype))
-    p_shard = {name: param_sharding(mesh, s.shape) for name, s in layout.shapes.items()}
+    runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
+    model_config = ModelConfig.from_hf_dict(hf_config)
+    layout = build_layout(model_config, jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype), runtime)
+    p_shard = {name: param_sharding(mesh, name, s.shape) for name, s in layout.shapes.items()}
     b_shard = batch_sharding(mesh)
 
     store = RowStore(spec.train_store)
@@ -60,23 +62,24 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     ckpts = Checkpoints(spec.checkpoint_dir, spec.save_steps, spec.save_total_limit)
     start_step = ckpts.latest_step()
+    param_bytes_read = 0
     if start_step is None:
         start_step = 0
-        params = load_params(model_dir, layout, lambda name, shape: p_shard[name])
+        params, param_bytes_read = load_params(model_dir, layout, lambda name, shape: p_shard[name])
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
     else:
         params, opt_state = ckpts.restore(
             start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint
         )
 
-    train_step = make_train_step(layout, optimizer, (p_shard, opt_shard))
-    eval_step = make_eval_step(layout)
+    train_step = make_train_step(layout, optimizer, (p_shard, opt_shard), spec.loss_chunk_size, spec.z_loss)
+    eval_step = make_eval_step(layout, spec.loss_chunk_size)
 
     def evaluate(params) -> float | None:
         if eval_store is None:
             return None
         sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
-        loss_sum, weight_sum, _ = (float(sum(s[i] for s in sums)) for i in range(3))
+        loss_sum, weight_sum = (float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum"))
         return loss_sum / max(weight_sum, 1.0)
 
     def publish(record: dict) -> None:
@@ -129,19 +132,15 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "process_count": jax.process_count(),
         "mesh_devices": int(mesh.devices.size),
         "mesh_shape": dict(mesh.shape),
+        "attn_mechanism": runtime.mechanism,
+        "param_bytes_read_by_rank0": param_bytes_read,
         "data_fingerprint": store.fingerprint,
         "export_dir": str(export_dir),
         "checkpoint_dir": spec.checkpoint_dir,
         "spec": {k: v for k, v in spec.as_dict().items() if k != "metrics_queue"},
     }
     if rank0:
-        _copy_tokenizer_and_generation_config(Path(spec.tokenizer_dir), model_dir, export_dir)
+        write_assets(export_dir, hf_config, model_dir, tokenizer_dir=Path(spec.tokenizer_dir))
         Path(spec.summary_file).write_text(json.dumps(summary, indent=2))
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 
-
-def _copy_tokenizer_and_generation_config(tokenizer_dir: Path, model_dir: Path, export_dir: Path) -> None:
-    # The run's tokenizer directory holds exactly what `save_pretrained` wrote.
-    shutil.copytree(tokenizer_dir, export_dir, dirs_exist_ok=True)
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copy2(model_dir / "generation_config.json", export_dir / "generation_config.json")

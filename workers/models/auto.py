@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from raysft.workers.models.config import LlamaConfig, ModelLoadError, read_hf_config
-from raysft.workers.models.export import save_pretrained
+from raysft.workers.models.config import ModelConfig, ModelLoadError, read_hf_config
+from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.gguf_import import convert_gguf
 from raysft.workers.models.llama import LlamaForCausalLM
 from raysft.workers.models.loading import load_params
 from raysft.workers.models.params import ParamLayout
+from raysft.workers.models.runtime import ModelRuntime
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
@@ -51,9 +52,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     raise ModelLoadError(f"model directory not found: {path}")
 
 
-def build_layout(cfg: LlamaConfig, dtype, param_dtype) -> ParamLayout:
+def build_layout(cfg: ModelConfig, dtype, param_dtype, runtime: ModelRuntime = ModelRuntime()) -> ParamLayout:
     return ParamLayout.of(
-        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, runtime=runtime, rngs=nnx.Rngs(0))
     )
 
 
@@ -62,7 +63,7 @@ class CausalLM:
     """A loaded model: call it for logits, hand it to `SFTTrainer`, or save it."""
 
     model_dir: Path
-    config: LlamaConfig
+    config: ModelConfig
     hf_config: dict[str, Any]
     layout: ParamLayout
     params: dict[str, jax.Array]
@@ -74,7 +75,10 @@ class CausalLM:
         return _forward(self.layout, self.params, jnp.asarray(input_ids), segment_ids, positions)
 
     def save_pretrained(self, out_dir: str | Path, dtype: str = "float32") -> None:
+        """Hugging Face layout: weights in `dtype` (float32 or bfloat16), config, generation
+        config and the tokenizer files found next to the source weights."""
         save_pretrained(self.params, self.hf_config, Path(out_dir), dtype=dtype)
+        write_assets(Path(out_dir), self.hf_config, self.model_dir)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -85,12 +89,18 @@ def _forward(layout, params, input_ids, segment_ids, positions):
 class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(
-        name_or_path: str | Path, dtype=jnp.float32, param_dtype=jnp.float32
+        name_or_path: str | Path,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attn_mechanism: str = "auto",
+        scan_layers: bool = False,
     ) -> CausalLM:
+        """A Hugging Face directory, a `.gguf` file or a hub repo id, on the first device."""
         model_dir = resolve_model_dir(name_or_path)
         hf_config = read_hf_config(model_dir / "config.json")
-        cfg = LlamaConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
-        layout = build_layout(cfg, dtype, param_dtype)
+        cfg = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
+        runtime = ModelRuntime(attn_mechanism=attn_mechanism, scan_layers=scan_layers)
+        layout = build_layout(cfg, dtype, param_dtype, runtime)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = load_params(model_dir, layout, lambda name, shape: device)
+        params, _ = load_params(model_dir, layout, lambda name, shape: device)
         return CausalLM(model_dir, cfg, hf_config, layout, params, dtype, param_dtype)

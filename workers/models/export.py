@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
-from raysft.workers.models.params import hf_name
+from raysft.workers.models.params import hf_tensors, is_stacked
 
 SHARD_BYTES = 5 * 1000**3
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -26,6 +27,22 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _shard_plan(params: dict[str, jax.Array], itemsize: int) -> list[list[tuple[str, int, str, bool]]]:
+    """Files of at most SHARD_BYTES: each a list of (param, layer piece, HF name, transposed)."""
+    files: list[list[tuple[str, int, str, bool]]] = [[]]
+    size = 0
+    for name in sorted(params):
+        shape = params[name].shape
+        piece_bytes = int(np.prod(shape[1:] if is_stacked(name) else shape)) * itemsize
+        for piece, (key, transposed) in enumerate(hf_tensors(name, shape)):
+            if size and size + piece_bytes > SHARD_BYTES:
+                files.append([])
+                size = 0
+            files[-1].append((name, piece, key, transposed))
+            size += piece_bytes
+    return files
+
+
 def save_pretrained(
     params: dict[str, jax.Array],
     hf_config: dict[str, Any],
@@ -34,36 +51,56 @@ def save_pretrained(
 ) -> None:
     """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`.
 
-    Call on every process; only process 0 writes.
+    Call on every process; only process 0 writes. Each file is written as soon as its
+    tensors are gathered, so the host holds at most one file's worth of weights.
     """
     np_dtype = EXPORT_DTYPES[dtype]
     writer = jax.process_index() == 0
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    for name in sorted(params):
-        tensor = _to_host(params[name])
-        if not writer:
-            continue
-        key, transposed = hf_name(name)
-        tensor = np.ascontiguousarray(tensor.T if transposed else tensor, dtype=np_dtype)
-        if shard_bytes and shard_bytes + tensor.nbytes > SHARD_BYTES:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = tensor
-        shard_bytes += tensor.nbytes
+    files = _shard_plan(params, np.dtype(np_dtype).itemsize)
+    names = [SINGLE_FILE] if len(files) == 1 else [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map, total, gathered = {}, 0, {}
+    for file_name, entries in zip(names, files):
+        tensors = {}
+        for name, piece, key, transposed in entries:
+            if name not in gathered:
+                gathered = {name: _to_host(params[name])}  # the previous param is done with
+            host = gathered[name][piece] if is_stacked(name) else gathered[name]
+            if writer:
+                tensors[key] = np.ascontiguousarray(host.T if transposed else host, dtype=np_dtype)
+        if writer:
+            save_file(tensors, out_dir / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file_name))
+            total += sum(t.nbytes for t in tensors.values())
     if not writer:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.nbytes for shard in shards for t in shard.values())
+    if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def write_assets(out_dir: Path, hf_config: dict[str, Any], model_dir: Path, tokenizer_dir: Path | None = None) -> None:
+    """Tokenizer files and generation_config.json next to exported weights, so the
+    directory loads in transformers and vLLM as it is."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        source = (tokenizer_dir or model_dir) / name
+        if source.is_file():
+            shutil.copy2(source, out_dir / name)
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        shutil.copy2(generation, out_dir / "generation_config.json")
+    else:
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        defaults = {k: hf_config[k] for k in keys if hf_config.get(k) is not None}
+        (out_dir / "generation_config.json").write_text(json.dumps(defaults, indent=2))

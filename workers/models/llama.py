@@ -1,7 +1,10 @@
-"""Llama-family decoder in Flax NNX, laid out like Hugging Face's so names map 1:1.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in Flax NNX, laid out like
+Hugging Face's so parameter names map 1:1.
 
 Packed rows: `segment_ids` [B, T] (0 = padding) keep documents from attending to each
-other and `positions` [B, T] restart RoPE at every document.
+other and `positions` [B, T] restart RoPE at every document. With `scan_layers` the
+decoder layers are one module whose parameters carry a leading layer axis
+(`model.layers.mlp.up_proj.kernel` [L, D, F]), so compile time does not grow with depth.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from raysft.workers.models.config import LlamaConfig
+from raysft.workers.models.config import ModelConfig
+from raysft.workers.models.runtime import ModelRuntime
 
 
 class RMSNorm(nnx.Module):
@@ -38,54 +42,39 @@ def apply_rope(x_BxTxNxK, cos_BxTxK, sin_BxTxK):
     return x_BxTxNxK * cos_BxTxK[:, :, None, :] + rotated_BxTxNxK * sin_BxTxK[:, :, None, :]
 
 
-def attention_mask(segment_ids_BxT):
-    """[B, T, T] True where query t may attend key s: causal and same document."""
-    t = segment_ids_BxT.shape[1]
-    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same_doc_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return causal_TxT[None] & same_doc_BxTxT
-
-
-def vanilla_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxT):
-    b, t, h, d = q_BxTxHxK.shape
-    g = k_BxTxGxK.shape[2]
-    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, d)
-    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxTxGxK) * d**-0.5
-    scores_BxGxRxTxS = scores_BxGxRxTxS.astype(jnp.float32)
-    scores_BxGxRxTxS = jnp.where(mask_BxTxT[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxTxGxK.dtype)
-    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxTxGxK)
-    return out_BxTxGxRxK.reshape(b, t, h, d)
-
-
-def _linear(fan_in, fan_out, *, dtype, param_dtype, rngs):
-    return nnx.Linear(fan_in, fan_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _linear(fan_in, fan_out, *, bias=False, dtype, param_dtype, rngs):
+    return nnx.Linear(fan_in, fan_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         h, g, k = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = _linear(cfg.hidden_size, h * k, **kw)
-        self.k_proj = _linear(cfg.hidden_size, g * k, **kw)
-        self.v_proj = _linear(cfg.hidden_size, g * k, **kw)
-        self.o_proj = _linear(h * k, cfg.hidden_size, **kw)
-        self.heads, self.kv_heads, self.head_dim = h, g, k
+        self.q_proj = _linear(cfg.hidden_size, h * k, bias=cfg.qkv_bias, **kw)
+        self.k_proj = _linear(cfg.hidden_size, g * k, bias=cfg.qkv_bias, **kw)
+        self.v_proj = _linear(cfg.hidden_size, g * k, bias=cfg.qkv_bias, **kw)
+        self.o_proj = _linear(h * k, cfg.hidden_size, bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(k, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(k, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.heads, self.kv_heads, self.head_dim, self.qk_norm = h, g, k, cfg.qk_norm
 
-    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, mask_BxTxT):
+    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend):
         b, t, _ = x_BxTxD.shape
         q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
         k_BxTxGxK = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q_BxTxHxK, k_BxTxGxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxGxK)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
         k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
-        out_BxTxHxK = vanilla_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxT)
+        out_BxTxHxK = attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, window)
         return self.o_proj(out_BxTxHxK.reshape(b, t, self.heads * self.head_dim))
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+        kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, **kw)
@@ -95,34 +84,52 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, **kw, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw, rngs=rngs)
 
-    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, mask_BxTxT):
-        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, mask_BxTxT)
+    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend):
+        attn_BxTxD = self.self_attn(
+            self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend
+        )
+        x_BxTxD = x_BxTxD + attn_BxTxD
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, runtime: ModelRuntime, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, **kw, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
-        )
+        if runtime.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked_layers(rngs):
+                return DecoderLayer(cfg, **kw, rngs=rngs)
+
+            self.layers = stacked_layers(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, **kw, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
 
 class LlamaForCausalLM(nnx.Module):
     """`__call__` returns logits [B, T, vocab] in the compute dtype."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.config, self.dtype = cfg, dtype
-        self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        runtime: ModelRuntime = ModelRuntime(),
+        rngs: nnx.Rngs,
+    ):
+        self.config, self.dtype, self.runtime = cfg, dtype, runtime
+        self.model = LlamaModel(cfg, runtime, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -135,11 +142,40 @@ class LlamaForCausalLM(nnx.Module):
         cos_BxTxK, sin_BxTxK = rope_cos_sin(
             positions_BxT, jnp.asarray(self.config.rope_inverse_frequencies()), self.dtype
         )
-        mask_BxTxT = attention_mask(segment_ids_BxT)
         x_BxTxD = self.model.embed_tokens(input_ids_BxT)
-        for layer in self.model.layers:
-            x_BxTxD = layer(x_BxTxD, cos_BxTxK, sin_BxTxK, mask_BxTxT)
+        attend = self.runtime.attention()
+        windows = self.config.window_per_layer
+
+        def layer_fn(graphdef):
+            # A pure function of the layer's parameters, so it can be remat'ed and scanned.
+            def run(state, window, x_BxTxD):
+                layer = nnx.merge(graphdef, state)
+                return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend)
+
+            return run
+
+        if self.runtime.scan_layers:
+            graphdef, stacked_state = nnx.split(self.model.layers)
+            x_BxTxD = self._scan_layers(layer_fn(graphdef), stacked_state, windows, x_BxTxD)
+        else:
+            for layer, window in zip(self.model.layers, windows):
+                graphdef, state = nnx.split(layer)
+                run = layer_fn(graphdef)
+                x_BxTxD = self.runtime.remat(lambda s, x, run=run, w=window: run(s, w, x))(state, x_BxTxD)
         return self.model.norm(x_BxTxD)
+
+    def _scan_layers(self, run_layer, stacked_state, windows, x_BxTxD):
+        if len(set(windows)) == 1:  # one static window: every attention kernel applies
+            body = lambda x, state: (run_layer(state, windows[0], x), None)  # noqa: E731
+            x_BxTxD, _ = jax.lax.scan(self.runtime.remat(body), x_BxTxD, stacked_state)
+            return x_BxTxD
+        # Layers with different windows (Qwen's max_window_layers): the window is scanned too,
+        # with "no window" as the row length.
+        no_window = x_BxTxD.shape[1]
+        window_L = jnp.asarray([no_window if w is None else w for w in windows], jnp.int32)
+        body = lambda x, xs: (run_layer(xs[0], xs[1], x), None)  # noqa: E731
+        x_BxTxD, _ = jax.lax.scan(self.runtime.remat(body), x_BxTxD, (stacked_state, window_L))
+        return x_BxTxD
 
     def logits(self, hidden_BxTxD):
         if self.config.tie_word_embeddings:

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from raysft.workers.models.config import ModelLoadError
-from raysft.workers.models.params import ParamLayout, hf_name
+from raysft.workers.models.params import ParamLayout, hf_tensors, is_stacked
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,36 +34,62 @@ def tensor_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+class ParamReader:
+    """Reads parameters slice by slice and counts the bytes this process read."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.files = tensor_files(model_dir)
+        self.handles = {}
+        self.bytes_read = 0
+
+    def _tensor(self, key: str, expected: tuple[int, ...]):
+        if key not in self.files:
+            raise ModelLoadError(f"{self.model_dir}: tensor {key!r} missing from the checkpoint")
+        path = self.files[key]
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, framework="numpy")
+        tensor = self.handles[path].get_slice(key)
+        if tuple(tensor.get_shape()) != tuple(expected):
+            raise ModelLoadError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, config implies {tuple(expected)}"
+            )
+        return tensor
+
+    def read(self, name: str, abstract: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array:
+        stacked = is_stacked(name)
+        layer_shape = abstract.shape[1:] if stacked else abstract.shape
+        tensors = [
+            (self._tensor(key, layer_shape[::-1] if transposed else layer_shape), transposed)
+            for key, transposed in hf_tensors(name, abstract.shape)
+        ]
+
+        def read_block(tensor, transposed, index):
+            block = tensor[index[::-1]].T if transposed else tensor[index]
+            return np.asarray(block, dtype=abstract.dtype)
+
+        def read(index):
+            if stacked:
+                layers = range(len(tensors))[index[0]]
+                block = np.stack([read_block(*tensors[i], index[1:]) for i in layers])
+            else:
+                block = read_block(*tensors[0], index)
+            self.bytes_read += block.nbytes
+            return np.ascontiguousarray(block)
+
+        return jax.make_array_from_callback(abstract.shape, sharding, read)
+
+
 def load_params(
     model_dir: Path,
     layout: ParamLayout,
     sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding],
-) -> dict[str, jax.Array]:
-    """Flat params by name, each placed with `sharding_for(name, shape)`."""
-    files = tensor_files(model_dir)
-    handles = {}
-
-    def open_file(path: Path):
-        if path not in handles:
-            handles[path] = safe_open(path, framework="numpy")
-        return handles[path]
-
-    params = {}
-    for name, abstract in layout.shapes.items():
-        key, transposed = hf_name(name)
-        if key not in files:
-            raise ModelLoadError(f"{model_dir}: tensor {key!r} missing from the checkpoint")
-        tensor = open_file(files[key]).get_slice(key)
-        stored_shape = tuple(tensor.get_shape())
-        expected = abstract.shape[::-1] if transposed else abstract.shape
-        if stored_shape != tuple(expected):
-            raise ModelLoadError(
-                f"{files[key]}: tensor {key!r} has shape {stored_shape}, config implies {tuple(expected)}"
-            )
-
-        def read(index, tensor=tensor, transposed=transposed, dtype=abstract.dtype):
-            block = tensor[index[::-1]].T if transposed else tensor[index]
-            return np.ascontiguousarray(block, dtype=dtype)
-
-        params[name] = jax.make_array_from_callback(abstract.shape, sharding_for(name, abstract.shape), read)
-    return params
+) -> tuple[dict[str, jax.Array], int]:
+    """Flat params by name, each placed with `sharding_for(name, shape)`, and the bytes
+    this process read to build its shards."""
+    reader = ParamReader(model_dir)
+    params = {
+        name: reader.read(name, abstract, sharding_for(name, abstract.shape))
+        for name, abstract in layout.shapes.items()
+    }
+    return params, reader.bytes_read

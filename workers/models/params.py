@@ -20,6 +20,12 @@ def _key_name(entry) -> str:
     raise TypeError(f"unexpected tree key {entry!r}")
 
 
+def _flatten(state) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    flat = {".".join(_key_name(e) for e in path if _key_name(e) != "value"): leaf for path, leaf in leaves}
+    return flat, treedef
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class ParamLayout:
     """Names, shapes and dtypes of a model's parameters, and how to rebuild the model."""
@@ -32,12 +38,16 @@ class ParamLayout:
     def of(cls, build: Callable[[], nnx.Module]) -> "ParamLayout":
         """Layout of the model `build()` would make, without allocating its parameters."""
         graphdef, state = nnx.split(nnx.eval_shape(build))
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-        shapes = {
-            ".".join(_key_name(e) for e in path if _key_name(e) != "value"): leaf
-            for path, leaf in leaves
-        }
+        shapes, treedef = _flatten(state)
         return cls(graphdef, treedef, shapes)
+
+    @classmethod
+    def initialise(cls, build: Callable[[], nnx.Module]) -> tuple["ParamLayout", dict[str, jax.Array]]:
+        """Layout and freshly initialised parameters of `build()` (random-init runs)."""
+        graphdef, state = nnx.split(build())
+        params, treedef = _flatten(state)
+        shapes = {n: jax.ShapeDtypeStruct(p.shape, p.dtype) for n, p in params.items()}
+        return cls(graphdef, treedef, shapes), params
 
     @property
     def names(self) -> list[str]:
@@ -49,11 +59,27 @@ class ParamLayout:
         return nnx.merge(self.graphdef, state)
 
 
-def hf_name(name: str) -> tuple[str, bool]:
-    """Hugging Face tensor name for one of ours, and whether the layout is transposed."""
+def is_stacked(name: str) -> bool:
+    """A scanned-layers parameter: one tensor [L, ...] for all decoder layers."""
+    parts = name.split(".")
+    return parts[:2] == ["model", "layers"] and not parts[2].isdigit()
+
+
+def hf_name(name: str, layer: int | None = None) -> tuple[str, bool]:
+    """Hugging Face tensor name for one of ours (layer `layer` of a stacked one), and
+    whether the layout is transposed."""
+    if layer is not None:
+        name = name.replace("model.layers.", f"model.layers.{layer}.", 1)
     stem, leaf = name.rsplit(".", 1)
     if leaf == "kernel":  # ours [in, out], torch Linear [out, in]
         return f"{stem}.weight", True
     if leaf == "embedding":
         return f"{stem}.weight", False
     return name, False
+
+
+def hf_tensors(name: str, shape: tuple[int, ...]) -> list[tuple[str, bool]]:
+    """(Hugging Face name, transposed) of each tensor that parameter `name` holds, in order."""
+    if is_stacked(name):
+        return [hf_name(name, layer) for layer in range(shape[0])]
+    return [hf_name(name)]

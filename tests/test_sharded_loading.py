@@ -1,0 +1,50 @@
+"""Four JAX processes, 4-way fsdp: each reads and holds about a quarter of the weights."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import save_tiny_model
+
+PROCESSES = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_each_process_materialises_only_its_fsdp_shard(tmp_path):
+    # ~150 MB of fp32 weights, dominated by matrices that fsdp splits four ways.
+    model_dir = save_tiny_model(
+        tmp_path, vocab_size=32000, hidden_size=512, intermediate_size=1024,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+    )
+    worker = Path(__file__).with_name("sharded_load_worker.py")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(model_dir), coordinator, str(PROCESSES), str(rank)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(PROCESSES)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    reports = [
+        json.loads(line.removeprefix("REPORT "))
+        for out in outputs for line in out.splitlines() if line.startswith("REPORT ")
+    ]
+    assert len(reports) == PROCESSES
+    for report in reports:
+        total = report["total_bytes"]
+        assert report["mesh"] == {"dp": 1, "fsdp": 4, "tp": 1}
+        # A quarter of every split matrix plus the small replicated norms.
+        assert 0.24 * total < report["addressable_bytes"] < 0.27 * total, report
+        assert report["bytes_read"] == report["addressable_bytes"], report
+        assert report["resident_growth"] < 0.5 * total, report

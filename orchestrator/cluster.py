@@ -14,5 +14,10 @@ def connect(num_hosts: int) -> None:
         ray.init()  # under `ray job submit` or against a running cluster
         return
     # Logical CPUs beyond the cores, so the Train controller, the workers and the Ray
-    # Data tasks never wait on each other for a slot on a small machine.
-    ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 1), 2 * num_hosts + 4), include_dashboard=False)
+    # Data tasks never wait on each other for a slot on a small machine. The dashboard
+    # serves Ray's state API, which Ray Train polls; it listens on localhost only.
+    ray.init(
+        num_cpus=max(8, 2 * (os.cpu_count() or 1), 2 * num_hosts + 4),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+    )

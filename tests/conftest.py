@@ -85,10 +85,12 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One embedded Ray for the session, with more logical CPUs than the 2 cores."""
+    """One embedded Ray for the session, started as the driver starts it for users."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False)
+    from raysft.orchestrator.cluster import connect
+
+    connect(num_hosts=2)
     yield
     ray.shutdown()
 

@@ -1,4 +1,5 @@
-"""`raysft sft` / `python -m raysft.orchestrator.sft`: the seed's command line, via pydantic-settings."""
+"""`raysft sft` (also `python -m raysft.orchestrator.sft`): the seed's command line, via
+pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from raysft.orchestrator.config import SFTConfig
 
-_LAUNCH_FIELDS = {"config", "repo_id", "dataset_name", "eval_dataset_name"}
+_LAUNCH_FIELDS = {"config", "repo_id", "dataset_name", "eval_dataset_name", "show"}
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -21,7 +22,7 @@ class SFTCommand(BaseSettings, SFTConfig):
 
     config: str | None = Field(None, description="YAML file of SFTConfig fields; flags override it.")
     repo_id: str = Field(description="Model: a Hugging Face directory, a .gguf file or a hub repo id.")
-    dataset_name: str = Field(description="Training data: a .jsonl or .parquet file.")
+    dataset_name: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset.")
     eval_dataset_name: str | None = Field(None, description="Held-out data, evaluated before and after.")
 
     def sft_config(self) -> SFTConfig:
@@ -29,6 +30,15 @@ class SFTCommand(BaseSettings, SFTConfig):
         if self.config:
             return SFTConfig.from_yaml(self.config, **flags)
         return SFTConfig(**flags)
+
+
+class PreprocessCommand(SFTCommand):
+    """Prepare the data as `raysft sft` would, print the stats and N examples with their
+    trained tokens inside [[ ]], and stop before training."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft preprocess")
+
+    show: int = Field(3, ge=0, description="Examples to print with the trained tokens marked.")
 
 
 def accept_bare_bool_flags(argv: list[str]) -> list[str]:
@@ -42,36 +52,74 @@ def accept_bare_bool_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def run_sft(argv: list[str]) -> int:
-    from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed
+def _one_line_errors(prog: str, run) -> int:
+    """Bad config: the pydantic report, exit 2; bad model or data: one line, exit 2;
+    a failed training: one line, exit 1."""
+    from raysft.orchestrator.trainer import TrainingFailed
 
     try:
-        command = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv))
-        output = SFTTrainer(
-            arguments=command.sft_config(),
-            model=command.repo_id,
-            train_dataset=command.dataset_name,
-            eval_dataset=command.eval_dataset_name,
-        ).train()
+        return run()
     except ValidationError as err:
-        print(f"raysft sft: invalid configuration\n{err}", file=sys.stderr)
+        print(f"{prog}: invalid configuration\n{err}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad model or data: already one line naming what is wrong
-        print(f"raysft sft: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except TrainingFailed as err:
-        print(f"raysft sft: training failed: {err}", file=sys.stderr)
+        print(f"{prog}: training failed: {err}", file=sys.stderr)
         return 1
-    print(f"exported: {output.export_dir}")
-    return 0
+
+
+def _trainer(command: SFTCommand, quiet: bool = False):
+    from raysft.orchestrator.trainer import SFTTrainer
+
+    return SFTTrainer(
+        arguments=command.sft_config(),
+        model=command.repo_id,
+        train_dataset=command.dataset_name,
+        eval_dataset=command.eval_dataset_name,
+        quiet=quiet,
+    )
+
+
+def run_sft(argv: list[str]) -> int:
+    def run() -> int:
+        command = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv))
+        print(f"exported: {_trainer(command).train().export_dir}")
+        return 0
+
+    return _one_line_errors("raysft sft", run)
+
+
+def run_preprocess(argv: list[str]) -> int:
+    def run() -> int:
+        from transformers import AutoTokenizer
+
+        from raysft.data.show import show_rows
+
+        command = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv))
+        tokenizer_dir, train_store, _ = _trainer(command).prepare_data()
+        if command.show:
+            print(f"\n{command.show} prepared examples; trained tokens are inside [[ ]]:")
+            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), command.show))
+        print(f"\nprepared rows: {train_store.path}")
+        return 0
+
+    return _one_line_errors("raysft preprocess", run)
+
+
+COMMANDS = {"sft": run_sft, "preprocess": run_preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("sft",):
-        print("usage: raysft sft [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]",
+            file=sys.stderr,
+        )
         return 2
-    return run_sft(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,29 @@ class SFTConfig(BaseModel):
     dataset_text_field: str = Field("text", description="Column holding the training text.")
     add_special_tokens: bool = Field(False, description="Let the tokenizer add its special tokens (BOS).")
     packing: bool = Field(False, description="Pack several documents per row (segment-aware).")
+    packing_strategy: Literal["bfd", "wrapped"] = Field(
+        "bfd", description="bfd: one best-fit-decreasing plan over the dataset; wrapped: concatenate and cut."
+    )
+    eval_packing: bool | None = Field(None, description="Pack the eval set (default: as packing).")
+    num_of_sequences: int = Field(
+        1024, gt=0, description="Seed compatibility (wrapped packing buffer); raysft packs the whole dataset at once."
+    )
+    chars_per_token: float = Field(3.6, gt=0, description="Seed compatibility (wrapped packing buffer size).")
+    dataset_format: Literal["auto", "text", "instruction", "prompt_completion", "messages", "sharegpt", "tokenized"] = Field(
+        "auto", description="Row format; auto detects it from the columns."
+    )
+    completion_only_loss: bool | None = Field(
+        None, description="Prompt/completion rows: train only the completion (default on)."
+    )
+    assistant_only_loss: bool = Field(True, description="Conversations: train only the assistant turns.")
+    train_on_inputs: bool = Field(False, description="Train on every token, prompts and user turns too.")
+    truncation: Literal["truncate", "drop", "split", "drop_turns"] = Field(
+        "truncate", description="Rows over max_sequence_length: keep the start, drop, split, or drop early turns."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="A malformed row stops the run, or is skipped and counted.")
+    dataset_split: str = Field("train", description="Split of a hub dataset_name.")
+    data_dir: str | None = Field(None, description="data_dir of a hub dataset_name.")
+    dataset_kwargs: dict = Field(default_factory=dict, description="More datasets.load_dataset arguments.")
     max_sequence_length: int = Field(2048, gt=1, description="Row length T in tokens.")
     dataset_num_proc: int | None = Field(None, gt=0, description="Tokenizer actors in Ray Data (default 2).")
     dataset_batch_size: int = Field(1000, gt=0, description="Rows per tokenization batch.")

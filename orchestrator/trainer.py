@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raysft.data.prepare import TextDataSettings, prepare_text_dataset
+from raysft.data.prepare import prepare_dataset
+from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.progress import ProgressReporter
@@ -39,16 +40,19 @@ class SFTTrainer:
         train_dataset: Any,
         eval_dataset: Any = None,
         processing_class: Any = None,
+        formatting_func: Any = None,
         quiet: bool = False,
     ):
         """`model`: a Hugging Face directory, a `.gguf` file, a hub id, or a loaded `CausalLM`
         (whose weights the workers reload from its directory, each host only its shards).
-        `processing_class`: the tokenizer (default: the model directory's)."""
+        `processing_class`: the tokenizer (default: the model directory's).
+        `formatting_func(row) -> str`: the text to train on, for rows of any shape."""
         self.args = arguments
         self.model_dir = model.model_dir if isinstance(model, CausalLM) else resolve_model_dir(model)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = processing_class
+        self.formatting_func = formatting_func
         self.quiet = quiet
 
     def _save_tokenizer(self, out_dir: Path) -> Path:
@@ -60,32 +64,50 @@ class SFTTrainer:
         tokenizer.save_pretrained(out_dir)
         return out_dir
 
-    def train(self) -> TrainOutput:
+    def prepare_data(self):
+        """Tokenize and pack the datasets on Ray Data (or reuse the prepared stores):
+        (tokenizer_dir, train store, eval store or None)."""
         args = self.args
         run_dir = args.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
         connect(args.num_hosts)
 
-        settings = TextDataSettings(
-            text_field=args.dataset_text_field,
-            seq_len=args.max_sequence_length,
-            packing=args.packing,
-            add_special_tokens=args.add_special_tokens,
-        )
-
-        def prepare(dataset):
-            return prepare_text_dataset(
+        def prepare(dataset, packing: bool):
+            settings = DataSettings(
+                seq_len=args.max_sequence_length,
+                text_field=args.dataset_text_field,
+                dataset_format=args.dataset_format,
+                packing=packing,
+                packing_strategy=args.packing_strategy,
+                add_special_tokens=args.add_special_tokens,
+                completion_only_loss=args.completion_only_loss,
+                assistant_only_loss=args.assistant_only_loss,
+                train_on_inputs=args.train_on_inputs,
+                truncation=args.truncation,
+                on_bad_rows=args.on_bad_rows,
+            )
+            return prepare_dataset(
                 dataset,
                 tokenizer_dir,
                 settings,
                 run_dir / "data",
                 batch_size=args.dataset_batch_size,
                 num_proc=args.dataset_num_proc,
+                formatting_func=self.formatting_func,
+                hub_options=dict(split=args.dataset_split, data_dir=args.data_dir, kwargs=args.dataset_kwargs),
+                report=None if self.quiet else print,
             )
 
-        train_store = prepare(self.train_dataset)
-        eval_store = prepare(self.eval_dataset) if self.eval_dataset is not None else None
+        train_store = prepare(self.train_dataset, args.packing)
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+        eval_store = prepare(self.eval_dataset, eval_packing) if self.eval_dataset is not None else None
+        return tokenizer_dir, train_store, eval_store
+
+    def train(self) -> TrainOutput:
+        args = self.args
+        run_dir = args.run_dir
+        tokenizer_dir, train_store, eval_store = self.prepare_data()
 
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)

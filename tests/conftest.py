@@ -113,6 +113,33 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
+# Two chat templates: ChatML without generation markers, and a tagged one with them.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TAGGED_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}[assistant] "
+    "{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}[{{ m['role'] }}] {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The test tokenizer saved once per chat template (`chatml`, `tagged`)."""
+    dirs = {}
+    for name, template in (("chatml", CHATML_TEMPLATE), ("tagged", TAGGED_TEMPLATE)):
+        out = tmp_path_factory.mktemp(f"tokenizer_{name}")
+        tok = train_tokenizer(out)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = template
+        tok.save_pretrained(out)
+        dirs[name] = out
+    return dirs
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -34,3 +34,26 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     missing = tmp_path / "absent"
     assert main(["sft", "--repo_id", str(missing), "--dataset_name", "d.jsonl"]) == 2
     assert capsys.readouterr().err == f"raysft sft: model directory not found: {missing}\n"
+
+
+def test_preprocess_shows_masks_and_stats_without_training(local_ray, tmp_path, capsys, tiny_model_dir, chat_tokenizer_dirs):
+    import json
+    import shutil
+
+    # The tiny model with the ChatML tokenizer, so message rows render.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for file in chat_tokenizer_dirs["chatml"].iterdir():
+        shutil.copy2(file, model_dir / file.name)
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "on the mat"}]}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"save_directory: {tmp_path / 'runs'}\nmax_sequence_length: 64\npacking: true\n")
+
+    code = main(["preprocess", "--config", str(yaml_file), "--repo_id", str(model_dir), "--dataset_name", str(data), "--show", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "4 rows read, 4 documents kept, dropped: none" in out
+    assert out.count("<|im_start|>user\nthe cat?<|im_end|>\n<|im_start|>assistant\n[[on the mat<|im_end|>\n]]") == 2
+    assert not (tmp_path / "runs" / "raysft" / "checkpoints").exists()

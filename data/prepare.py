@@ -95,7 +95,8 @@ def prepare_dataset(
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=num_proc or 2,  # a fixed pool: each actor pays the tokenizer load once, up front
+        # A fixed pool: each actor pays the tokenizer load once, up front.
+        compute=ray.data.ActorPoolStrategy(size=num_proc or 2),
         num_cpus=0.5,
     )
     docs_ids, docs_weights = [], []

@@ -100,3 +100,10 @@ def test_datasets_rows_are_numbered_in_errors(local_ray, tmp_path, tokenizer_dir
     table = datasets.Dataset.from_list([{"text": "ok"}, {"text": None}])
     with pytest.raises(DataError, match="^Dataset passed as dataset: row 2: missing field 'text'$"):
         _prepare(table, tokenizer_dir, tmp_path)
+
+
+def test_unreachable_hub_dataset_is_one_line(local_ray, tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without a network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="^dataset 'someone/missing-dataset' is not a local file and loading it from the hub failed: "):
+        _prepare("someone/missing-dataset", tokenizer_dir, tmp_path)

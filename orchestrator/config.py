@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -11,8 +13,26 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DType = Literal["float32", "bfloat16"]
 
 
+class Schedulers(str, enum.Enum):
+    """Learning-rate shape after warmup (`rs.Schedulers.COSINE` or the string "cosine")."""
+
+    NONE = "none"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Optimizers(str, enum.Enum):
+    """optax optimizers (`rs.Optimizers.ADAMW` or the string "adamw")."""
+
+    ADAMW = "adamw"
+    ADAFACTOR = "adafactor"
+    LION = "lion"
+    SGD = "sgd"
+    RMSPROP = "rmsprop"
+
+
 class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
 
     # Run identity: checkpoints, data and export live under save_directory/model_name.
     model_name: str = Field("raysft", description="Run name; the run directory is save_directory/model_name.")
@@ -51,15 +71,22 @@ class SFTConfig(BaseModel):
 
     # Optimisation
     total_batch_size: int = Field(16, gt=0, description="Sequences per optimizer step, over all hosts.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step, accumulated inside one jitted step."
+    )
     num_train_epochs: int = Field(3, gt=0, description="Passes over the training rows.")
     max_training_steps: int | None = Field(None, gt=0, description="Stop after this many steps if sooner.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     learning_rate_end: float | None = Field(
-        None, ge=0, description="Final learning rate of the linear schedule (default 0)."
+        None, ge=0, description="Final learning rate of the linear or cosine schedule (default 0)."
     )
-    scheduler: Literal["linear", "none"] = Field("linear", description="Learning-rate decay after warmup.")
+    scheduler: Schedulers = Field(Schedulers.LINEAR, description="Learning-rate shape after warmup: none, linear, cosine.")
     warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to learning_rate.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on norms).")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a fraction of the total steps (instead of warmup_steps)."
+    )
+    optimizer: Optimizers = Field(Optimizers.ADAMW, description="adamw, adafactor, lion, sgd or rmsprop (optax).")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (never on norms or biases).")
     clip_grad: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm.")
     seed: int = Field(42, description="Seed of the data order.")
 
@@ -87,7 +114,10 @@ class SFTConfig(BaseModel):
     do_last_save: bool = Field(True, description="Checkpoint the final step.")
     log_steps: int = Field(10, gt=0, description="Report metrics every this many steps.")
 
-    # Hosts
+    # Hosts and mesh
+    sharding_axis_dims: tuple[int, int, int, int] = Field(
+        (1, -1, 1, 1), description="Mesh sizes (dp, fsdp, tp, sp) over all devices of all hosts; -1 takes the rest."
+    )
     num_hosts: int = Field(1, gt=0, description="Worker processes (one per TPU host).")
     # TPU slices need a topology-aware scaling config; it is not wired up yet.
     backend: Literal["cpu", "gpu"] = Field("cpu", description="Accelerator the workers use (one GPU each).")
@@ -95,14 +125,33 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SFTConfig":
-        if self.scheduler == "none" and self.learning_rate_end is not None:
-            raise ValueError("learning_rate_end is set but scheduler is 'none'; use scheduler='linear'")
-        if self.backend == "cpu":
+        if self.scheduler == Schedulers.NONE and self.learning_rate_end is not None:
+            raise ValueError("learning_rate_end is set but scheduler is 'none'; use scheduler='linear' or 'cosine'")
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.learning_rate_end is not None and self.learning_rate_end > self.learning_rate:
+            raise ValueError(
+                f"learning_rate_end {self.learning_rate_end} is above learning_rate {self.learning_rate}; "
+                "the schedules decay towards it"
+            )
+        dims = self.sharding_axis_dims
+        if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+            raise ValueError(f"sharding_axis_dims {dims}: sizes must be positive, with at most one -1")
+        if self.backend == "cpu":  # the device count is known here: check the mesh now
             devices = self.num_hosts * self.cpu_devices_per_host
-            if self.total_batch_size % devices:
+            known = math.prod(d for d in dims if d != -1)
+            resolved = [devices // known if d == -1 else d for d in dims]
+            if devices % known or math.prod(resolved) != devices:
                 raise ValueError(
-                    f"total_batch_size {self.total_batch_size} must be a multiple of the {devices} devices "
+                    f"sharding_axis_dims {dims} (dp, fsdp, tp, sp) do not fit the {devices} devices "
                     f"(num_hosts {self.num_hosts} x cpu_devices_per_host {self.cpu_devices_per_host})"
+                )
+            rows = resolved[0] * resolved[1] * self.gradient_accumulation_steps
+            if self.total_batch_size % rows:
+                raise ValueError(
+                    f"total_batch_size {self.total_batch_size} must be a multiple of {rows}: the "
+                    f"{resolved[0] * resolved[1]} data-parallel devices (dp x fsdp) x gradient_accumulation_steps "
+                    f"{self.gradient_accumulation_steps}"
                 )
         return self
 

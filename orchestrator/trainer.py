@@ -112,7 +112,8 @@ class SFTTrainer:
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
         with ProgressReporter(quiet=self.quiet) as progress:
-            spec = TrainSpec(
+            spec = TrainSpec.from_config(
+                args,
                 model_dir=str(self.model_dir),
                 tokenizer_dir=str(tokenizer_dir),
                 train_store=str(train_store.path),
@@ -121,7 +122,6 @@ class SFTTrainer:
                 export_dir=str(run_dir / "export"),
                 summary_file=str(summary_file),
                 metrics_queue=progress.queue,
-                **{name: getattr(args, name) for name in TrainSpec.config_fields()},
             )
             self._fit(spec, run_dir)
         if not summary_file.is_file():

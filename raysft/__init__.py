@@ -4,8 +4,8 @@
     rs.SFTTrainer(arguments=rs.SFTConfig(...), model=..., train_dataset=...).train()
 """
 
-from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.config import Optimizers, Schedulers, SFTConfig
 from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed, TrainOutput
 from raysft.workers.models.auto import AutoModelForCausalLM, CausalLM
 
-__all__ = ["AutoModelForCausalLM", "CausalLM", "SFTConfig", "SFTTrainer", "TrainOutput", "TrainingFailed"]
+__all__ = ["AutoModelForCausalLM", "CausalLM", "Optimizers", "Schedulers", "SFTConfig", "SFTTrainer", "TrainOutput", "TrainingFailed"]

@@ -127,13 +127,13 @@ def test_chunked_cross_entropy_never_holds_all_logits():
 
 
 def test_splash_on_a_sharded_mesh_matches_vanilla(tmp_path):
-    model_dir = save_tiny_model(tmp_path, vocab_size=97, num_key_value_heads=2)
+    model_dir = save_tiny_model(tmp_path, vocab_size=96, num_key_value_heads=2)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     mesh = global_mesh(dp=1, fsdp=2, tp=2)
     plain = rs.AutoModelForCausalLM.from_pretrained(model_dir, attn_mechanism="vanilla")
     layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime("splash", mesh=mesh))
     params = {n: jax.device_put(p, param_sharding(mesh, n, p.shape)) for n, p in plain.params.items()}
-    batch = _batch(t=128, b=2)
+    batch = _batch(vocab=96, t=128, b=2)
     rows = NamedSharding(mesh, P(("dp", "fsdp")))
     args = [jax.device_put(batch[k], rows) for k in ("input_ids", "segment_ids", "positions")]
     sharded = jax.jit(lambda p, *a: layout.bind(p)(*a))(params, *args)

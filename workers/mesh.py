@@ -1,4 +1,9 @@
-"""The global device mesh and where parameters and batches live on it."""
+"""The global device mesh and where parameters and batches live on it.
+
+Axes: `dp` (replicas), `fsdp` (parameters split, batch split), `tp` (Megatron tensor
+parallelism: column-parallel q/k/v/gate/up/lm_head, row-parallel o/down), `sp` (the
+sequence of activations split).
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,85 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from raysft.workers.models.params import is_stacked
 
-AXES = ("dp", "fsdp", "tp")
+AXES = ("dp", "fsdp", "tp", "sp")
 BATCH_AXES = ("dp", "fsdp")
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+_ROW = ("o_proj", "down_proj")
 
 
-def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1) -> Mesh:
-    """All devices of all processes; `-1` takes what the other axes leave."""
+class ShardingError(ValueError):
+    """A mesh that does not fit the devices or the model; the message says which dim."""
+
+
+def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=None) -> Mesh:
+    """All devices of all processes (or `devices`); `-1` takes what the other axes leave."""
     # Process-major order keeps each host's devices contiguous on the batch axes, so a
     # host's rows are one contiguous slice of the global batch.
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    dims = [dp, fsdp, tp]
+    devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
+    dims = [dp, fsdp, tp, sp]
+    if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+        raise ShardingError(f"sharding_axis_dims {tuple(dims)}: sizes must be positive, with at most one -1")
     known = int(np.prod([d for d in dims if d != -1]))
+    if len(devices) % known:
+        raise ShardingError(f"sharding_axis_dims {tuple(dims)} do not divide the {len(devices)} devices")
     dims = [len(devices) // known if d == -1 else d for d in dims]
     if int(np.prod(dims)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(AXES, dims))} does not cover the {len(devices)} devices")
+        raise ShardingError(
+            f"sharding_axis_dims {dict(zip(AXES, dims))} cover {int(np.prod(dims))} devices, not the {len(devices)} there are"
+        )
     return Mesh(np.array(devices).reshape(dims), AXES)
 
 
-def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
-    """FSDP: split the largest dimension that the fsdp axis divides; else replicate.
+def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
+    """Axis names per dimension of parameter `name`, before any layer axis."""
+    parts = name.split(".")
+    module, leaf = parts[-2] if len(parts) > 1 else "", parts[-1]
+    if leaf == "embedding":  # [vocab, hidden]
+        return ("tp", "fsdp")
+    if leaf == "kernel" and module in _COLUMN:  # [in, out]: split the outputs over tp
+        return ("fsdp", "tp")
+    if leaf == "kernel" and module in _ROW:  # [in, out]: split the inputs over tp
+        return ("tp", "fsdp")
+    if leaf == "bias" and module in _COLUMN:
+        return ("tp",)
+    return (None,) * len(shape)  # norms, row-parallel biases: small, replicated
 
-    The layer axis of scanned layers is never split: each scan step needs its whole layer.
-    """
-    size = mesh.shape["fsdp"]
-    spec = [None] * len(shape)
-    if size > 1:
-        dims = range(1 if is_stacked(name) else 0, len(shape))
-        for dim in sorted(dims, key=lambda d: -shape[d]):
-            if shape[dim] % size == 0:
-                spec[dim] = "fsdp"
-                break
-    return NamedSharding(mesh, P(*spec))
+
+def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
+    stacked = is_stacked(name)
+    dims = shape[1:] if stacked else shape
+    spec = param_spec(name, dims)
+    for size, axis in zip(dims, spec):
+        if axis is not None and size % mesh.shape[axis]:
+            raise ShardingError(
+                f"parameter {name} {tuple(shape)}: dimension {size} is not divisible by mesh axis "
+                f"{axis}={mesh.shape[axis]}; choose sharding_axis_dims that divide it"
+            )
+    spec = tuple(a if mesh.shape.get(a, 1) > 1 else None for a in spec) if spec else ()
+    return NamedSharding(mesh, P(*(((None,) if stacked else ()) + spec)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Rows over (dp, fsdp), positions over sp."""
+    return NamedSharding(mesh, P(BATCH_AXES, "sp"))
+
+
+def activation_spec() -> P:
+    return P(BATCH_AXES, "sp", None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def optimizer_state_shardings(abstract_state, params: dict, param_shardings: dict[str, NamedSharding], mesh: Mesh):
+    """Moments shaped like their parameter live with it; factored or scalar state is small
+    and replicated."""
+
+    def leaf(path, x):
+        name = getattr(path[-1], "key", None)
+        if name in params and x.shape == params[name].shape:
+            return param_shardings[name]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_state)

@@ -24,6 +24,7 @@ class TrainSpec:
     summary_file: str
     backend: str  # cpu | gpu
     cpu_devices_per_host: int
+    sharding_axis_dims: tuple[int, int, int, int]
     dtype: str
     param_dtype: str
     export_dtype: str
@@ -33,12 +34,15 @@ class TrainSpec:
     loss_chunk_size: int | None
     z_loss: float
     total_batch_size: int
+    gradient_accumulation_steps: int
     num_train_epochs: int
     max_training_steps: int | None
     learning_rate: float
     learning_rate_end: float | None
     scheduler: str
     warmup_steps: int
+    warmup_ratio: float | None
+    optimizer: str
     weight_decay: float
     clip_grad: float | None
     seed: int
@@ -52,6 +56,11 @@ class TrainSpec:
     def config_fields(cls) -> list[str]:
         """Fields taken as they are from `SFTConfig` fields of the same name."""
         return [f.name for f in dataclasses.fields(cls) if f.name not in _RUN_FIELDS]
+
+    @classmethod
+    def from_config(cls, config: Any, **run_fields: Any) -> "TrainSpec":
+        """The config's fields of the same names, plus this run's paths and handles."""
+        return cls(**run_fields, **{name: getattr(config, name) for name in cls.config_fields()})
 
     def as_dict(self) -> dict[str, Any]:
         """Shallow, so the queue handle travels as itself."""

@@ -18,36 +18,86 @@ def batch_sums(layout: ParamLayout, params, batch, chunk_size: int | None = None
     return token_loss_sums(hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size)
 
 
+def microbatches(batch: dict[str, jax.Array], steps: int, batch_sharding=None) -> dict[str, jax.Array]:
+    """[B, T] -> [steps, B / steps, T], micro-batch k holding rows k, k + steps, ... so each
+    device's contiguous block of rows contributes equally to every micro-batch."""
+
+    def split(x):
+        b = x.shape[0]
+        out = x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+        if batch_sharding is not None:
+            spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+            out = jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
+        return out
+
+    return {name: split(x) for name, x in batch.items()}
+
+
+def make_gradient_fn(
+    layout: ParamLayout,
+    loss_chunk_size: int | None = None,
+    z_loss: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    batch_sharding=None,
+) -> Callable:
+    """`gradient(params, batch) -> (grads, sums)`: the gradient of the global-batch loss.
+
+    The loss is the sum of weighted token losses over the whole global batch (every
+    micro-batch, every host's rows) divided once by the sum of their weights, so neither
+    accumulation nor the number of hosts changes it. Micro-batches run in a `lax.scan`.
+    `z_loss` adds z_loss * mean(log Z^2) over supervised tokens.
+    """
+
+    def objective_sums(params, batch):
+        sums = batch_sums(layout, params, batch, loss_chunk_size)
+        return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+
+    sum_grads = jax.grad(objective_sums, has_aux=True)
+
+    def gradient(params, batch):
+        if gradient_accumulation_steps == 1:
+            grad_sums, sums = sum_grads(params, batch)
+        else:
+            micro = microbatches(batch, gradient_accumulation_steps, batch_sharding)
+            zero = jax.eval_shape(sum_grads, params, jax.tree.map(lambda x: x[0], micro))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+
+            def one(carry, micro_batch):
+                return jax.tree.map(jnp.add, carry, sum_grads(params, micro_batch)), None
+
+            (grad_sums, sums), _ = jax.lax.scan(one, zero, micro)
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        return jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sums), sums
+
+    return gradient
+
+
 def make_train_step(
     layout: ParamLayout,
     optimizer: optax.GradientTransformation,
     shardings,
     loss_chunk_size: int | None = None,
     z_loss: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    batch_sharding=None,
 ) -> Callable:
-    """`train_step(params, opt_state, batch) -> (params, opt_state, metrics)`.
-
-    The loss is normalised by the supervised tokens of the whole global batch (the jitted
-    sums run over every host's rows), so it does not depend on how rows are split.
-    `z_loss` adds z_loss * mean(log Z^2) over supervised tokens (PaLM's logit drift guard).
-    """
-
-    def loss_fn(params, batch):
-        sums = batch_sums(layout, params, batch, loss_chunk_size)
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        loss = sums["loss_sum"] / denom
-        return loss + z_loss * sums["z_sum"] / denom, (loss, sums, denom)
+    """`train_step(params, opt_state, batch) -> (params, opt_state, metrics)`, one jitted
+    step: gradient (see `make_gradient_fn`), optimizer update, metrics left on device."""
+    gradient = make_gradient_fn(layout, loss_chunk_size, z_loss, gradient_accumulation_steps, batch_sharding)
 
     def train_step(params, opt_state, batch):
-        (_, (loss, sums, denom)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        grads, sums = gradient(params, batch)
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        real_tokens = jnp.sum(batch["segment_ids"] > 0)
         metrics = {
-            "loss": loss,
+            "loss": sums["loss_sum"] / denom,
             "grad_norm": optax.global_norm(grads),
             "supervised_tokens": sums["weight_sum"],
             "token_accuracy": sums["correct"] / denom,
-            "tokens": jnp.sum(batch["segment_ids"] > 0),
+            "tokens": real_tokens,
+            "padding_fraction": 1.0 - real_tokens / batch["segment_ids"].size,
         }
         return params, opt_state, metrics
 

@@ -22,7 +22,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, abstract_like
-    from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding, replicated
+    from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings, param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig, read_hf_config
     from raysft.workers.models.export import save_pretrained, write_assets
@@ -32,7 +32,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.step import make_eval_step, make_train_step
 
     rank0 = jax.process_index() == 0
-    mesh = global_mesh()
+    mesh = global_mesh(*spec.sharding_axis_dims)
     model_dir = Path(spec.model_dir)
     hf_config = read_hf_config(model_dir / "config.json")
     runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
@@ -45,8 +45,12 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     eval_store = RowStore(spec.eval_store) if spec.eval_store else None
     batch = spec.total_batch_size
     batch_devices = mesh.shape["dp"] * mesh.shape["fsdp"]
-    if batch % batch_devices:
-        raise ValueError(f"total_batch_size {batch} is not divisible by the {batch_devices} data-parallel devices")
+    accumulation = spec.gradient_accumulation_steps
+    if batch % (batch_devices * accumulation):
+        raise ValueError(
+            f"total_batch_size {batch} is not divisible by gradient_accumulation_steps {accumulation} x "
+            f"the {batch_devices} data-parallel devices"
+        )
     steps_per_epoch = store.steps_per_epoch(batch)
     if steps_per_epoch == 0:
         raise ValueError(f"the training data has {store.num_rows} rows, fewer than total_batch_size {batch}")
@@ -56,9 +60,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p_shard[n]) for n, s in layout.shapes.items()}
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shard = jax.tree_util.tree_map_with_path(
-        lambda path, _: p_shard.get(getattr(path[-1], "key", None), replicated(mesh)), abstract_opt
-    )
+    opt_shard = optimizer_state_shardings(abstract_opt, layout.shapes, p_shard, mesh)
 
     ckpts = Checkpoints(spec.checkpoint_dir, spec.save_steps, spec.save_total_limit)
     start_step = ckpts.latest_step()
@@ -72,7 +74,9 @@ def train_loop_per_worker(spec_fields: dict) -> None:
             start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint
         )
 
-    train_step = make_train_step(layout, optimizer, (p_shard, opt_shard), spec.loss_chunk_size, spec.z_loss)
+    train_step = make_train_step(
+        layout, optimizer, (p_shard, opt_shard), spec.loss_chunk_size, spec.z_loss, accumulation, b_shard
+    )
     eval_step = make_eval_step(layout, spec.loss_chunk_size)
 
     def evaluate(params) -> float | None:

@@ -142,7 +142,7 @@ class LlamaForCausalLM(nnx.Module):
         cos_BxTxK, sin_BxTxK = rope_cos_sin(
             positions_BxT, jnp.asarray(self.config.rope_inverse_frequencies()), self.dtype
         )
-        x_BxTxD = self.model.embed_tokens(input_ids_BxT)
+        x_BxTxD = self.runtime.constrain(self.model.embed_tokens(input_ids_BxT))
         attend = self.runtime.attention()
         windows = self.config.window_per_layer
 
@@ -150,7 +150,8 @@ class LlamaForCausalLM(nnx.Module):
             # A pure function of the layer's parameters, so it can be remat'ed and scanned.
             def run(state, window, x_BxTxD):
                 layer = nnx.merge(graphdef, state)
-                return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend)
+                out_BxTxD = layer(x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend)
+                return self.runtime.constrain(out_BxTxD)
 
             return run
 

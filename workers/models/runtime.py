@@ -62,6 +62,14 @@ class ModelRuntime:
 
         return sharded
 
+    def constrain(self, x_BxTxD):
+        """Keep activations split over the batch axes and the sequence over sp."""
+        if self.mesh is None or self.mesh.size == 1:
+            return x_BxTxD
+        from raysft.workers.mesh import activation_spec
+
+        return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(self.mesh, activation_spec()))
+
     def remat(self, fn: Callable) -> Callable:
         policy = REMAT_POLICIES[self.gradient_checkpointing]
         if self.gradient_checkpointing == "none":

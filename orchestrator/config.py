@@ -113,6 +113,9 @@ class SFTConfig(BaseModel):
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints.")
     do_last_save: bool = Field(True, description="Checkpoint the final step.")
     log_steps: int = Field(10, gt=0, description="Report metrics every this many steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every this many steps (and always at each epoch end and the end)."
+    )
 
     # Hosts and mesh
     sharding_axis_dims: tuple[int, int, int, int] = Field(

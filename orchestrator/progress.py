@@ -56,7 +56,14 @@ class ProgressReporter:
         elif event == "step" and self._bar is not None:
             tqdm.write(
                 f"step {record['step']:>5}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
-                f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_second']:.0f}"
+                f"grad_norm {record['grad_norm']:.3f}  acc {record['token_accuracy']:.3f}  "
+                f"tokens/s {record['tokens_per_second']:.0f}  step {record['step_time_s']:.2f}s  "
+                f"pad {record['padding_fraction']:.1%}  mfu {record['mfu']:.1%}"
             )
             self._bar.update(record["step"] - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
+        elif event == "eval":
+            tqdm.write(
+                f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
+                f"token accuracy {record['token_accuracy']:.3f}"
+            )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 
@@ -32,6 +34,13 @@ def main(model_dir: str, coordinator: str, processes: int, rank: int) -> None:
 
     mesh = global_mesh(fsdp=-1)
     layout = build_layout(ModelConfig.from_file(Path(model_dir) / "config.json"), jnp.float32, jnp.float32)
+    # Warm the runtime (allocator, thread pools) so the growth below is the weights alone.
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    warm = jax.make_array_from_callback(
+        (4, 1024), NamedSharding(mesh, PartitionSpec("fsdp")), lambda idx: np.zeros((1, 1024), np.float32)
+    )
+    jax.block_until_ready(warm)
     before = resident_bytes()
     params, bytes_read = load_params(Path(model_dir), layout, lambda name, shape: param_sharding(mesh, name, shape))
     jax.block_until_ready(params)

@@ -34,6 +34,7 @@ def _config(tmp_path, **overrides) -> rs.SFTConfig:
         num_train_epochs=5,
         save_steps=2,
         log_steps=1,
+        eval_steps=2,
         # The memory options on the multi-host path: stacked layers are fsdp-sharded,
         # checkpointed and exported per layer.
         scan_layers=True,
@@ -55,8 +56,17 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     assert summary["mesh_devices"] == 4
     assert (summary["start_step"], summary["final_step"]) == (0, 4)
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
-    losses = [r["loss"] for r in first.metrics if r["event"] == "step"]
+    steps = [r for r in first.metrics if r["event"] == "step"]
+    losses = [r["loss"] for r in steps]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    for record in steps:  # every metric a user watches, with sane values
+        assert record["tokens_per_second"] > 0 and record["step_time_s"] > 0 and 0 < record["mfu"] < 1
+        assert 0 <= record["padding_fraction"] < 1 and record["supervised_tokens"] > 0
+        assert record["mfu_peak"] == "cpu matmul probe (achieved, not peak)"
+    evals = [r for r in first.metrics if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]  # eval_steps=2, and the end
+    assert evals[-1]["perplexity"] == pytest.approx(np.exp(evals[-1]["loss"]))
+    assert evals[-1]["loss"] == summary["eval_loss_end"]
     assert sorted(int(p.name) for p in first.checkpoint_dir.iterdir() if p.name.isdigit()) == [2, 4]
 
     # The same run asked for more steps continues from its last checkpoint.

@@ -43,8 +43,10 @@ def test_each_process_materialises_only_its_fsdp_shard(tmp_path):
     assert len(reports) == PROCESSES
     for report in reports:
         total = report["total_bytes"]
-        assert report["mesh"] == {"dp": 1, "fsdp": 4, "tp": 1}
+        assert report["mesh"] == {"dp": 1, "fsdp": 4, "tp": 1, "sp": 1}
         # A quarter of every split matrix plus the small replicated norms.
         assert 0.24 * total < report["addressable_bytes"] < 0.27 * total, report
         assert report["bytes_read"] == report["addressable_bytes"], report
-        assert report["resident_growth"] < 0.5 * total, report
+        # Resident memory: the quarter it holds plus staging copies the allocator keeps
+        # (measured 26-50%); a host materialising the model would grow by >= 100%.
+        assert report["resident_growth"] < 0.6 * total, report

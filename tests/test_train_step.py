@@ -11,7 +11,7 @@ import pytest
 import raysft as rs
 from conftest import save_tiny_model
 from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding
-from raysft.workers.step import make_gradient_fn
+from raysft.workers.step import make_gradient_fn, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,45 @@ def test_sharded_step_matches_one_device(model, accumulation):
     single, _ = gradient(model, batch)
     sharded, _ = gradient(model, batch, accumulation, mesh=global_mesh(dp=2, fsdp=2))
     assert_same_gradients(single, sharded)
+
+
+def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1)):
+    """`steps` AdamW steps on a 4-device fsdp mesh; the final params on host."""
+    from raysft.workers.mesh import optimizer_state_shardings
+    from raysft.workers.models.auto import build_layout
+    from raysft.workers.models.config import ModelConfig
+    from raysft.workers.models.loading import load_params
+    from raysft.workers.models.runtime import ModelRuntime
+    from raysft.workers.optimizer import build_optimizer
+    from raysft.workers.spec import TrainSpec
+
+    mesh = global_mesh(*mesh_dims)
+    layout = build_layout(ModelConfig.from_file(model_dir / "config.json"), dtype, jnp.float32, ModelRuntime(mesh=mesh))
+    p_shard = {n: param_sharding(mesh, n, s.shape) for n, s in layout.shapes.items()}
+    params, _ = load_params(model_dir, layout, lambda n, shape: p_shard[n])
+    paths = dict.fromkeys(["model_dir", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "-")
+    spec = TrainSpec.from_config(rs.SFTConfig(learning_rate=1e-2), eval_store=None, **paths)
+    optimizer = build_optimizer(spec, steps)
+    opt_shard = optimizer_state_shardings(jax.eval_shape(optimizer.init, params), params, p_shard, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+    step = make_train_step(layout, optimizer, (p_shard, opt_shard), batch_sharding=batch_sharding(mesh))
+    losses = []
+    for s in range(steps):
+        params, opt_state, metrics = step(params, opt_state, uneven_batch(seed=s))
+        losses.append(float(metrics["loss"]))
+    return {n: np.asarray(p) for n, p in params.items()}, losses
+
+
+def test_same_seed_and_config_give_bit_identical_parameters(model):
+    first, _ = _train(model.model_dir)
+    second, _ = _train(model.model_dir)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_bfloat16_compute_with_float32_params_trains(model):
+    params, losses = _train(model.model_dir, steps=4, dtype=jnp.bfloat16)
+    assert {p.dtype for p in params.values()} == {np.dtype(np.float32)}
+    _, full = _train(model.model_dir, steps=4)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, full, rtol=2e-2)  # bf16 matmuls, fp32 master weights

@@ -47,6 +47,7 @@ class TrainSpec:
     clip_grad: float | None
     seed: int
     log_steps: int
+    eval_steps: int | None
     save_steps: int | None
     save_total_limit: int | None
     do_last_save: bool

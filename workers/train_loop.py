@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, abstract_like
+    from raysft.workers.flops import flops_per_token, peak_flops
     from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings, param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig, read_hf_config
@@ -79,33 +81,41 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     )
     eval_step = make_eval_step(layout, spec.loss_chunk_size)
 
-    def evaluate(params) -> float | None:
+    def evaluate(params) -> dict | None:
+        """Loss, perplexity and token accuracy over every eval row (one host sync)."""
         if eval_store is None:
             return None
         sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
-        loss_sum, weight_sum = (float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum"))
-        return loss_sum / max(weight_sum, 1.0)
+        totals = {key: float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum", "correct")}
+        loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+                "token_accuracy": totals["correct"] / max(totals["weight_sum"], 1.0)}
 
     def publish(record: dict) -> None:
         if rank0 and spec.metrics_queue is not None:
             spec.metrics_queue.put(record)
 
     meta = {"data_fingerprint": store.fingerprint}
-    eval_loss_start = evaluate(params)
+    eval_start = evaluate(params)
+    eval_loss_start = eval_start and eval_start["loss"]
     publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
 
+    tokens_flops = flops_per_token(model_config, store.seq_len)
+    peak, peak_source = peak_flops(jax.devices()[0])
     step, last_loss = start_step, None
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     while step < total_steps:
         rows = store.step_rows(spec.seed, step, batch)
         params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
         window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
+        window_steps += 1
         step += 1
         if ckpts.due(step) or (step == total_steps and spec.do_last_save):
             ckpts.save(step, params, opt_state, meta)
         if step % spec.log_steps == 0 or step == total_steps:
             metrics = jax.device_get(metrics)  # the only host sync, once per log step
-            elapsed = time.perf_counter() - window_start
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            tokens_per_second = float(window_tokens) / elapsed
             last_loss = float(metrics["loss"])
             publish(
                 {
@@ -116,12 +126,23 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                     "learning_rate": float(schedule(step - 1)),
                     "grad_norm": float(metrics["grad_norm"]),
                     "token_accuracy": float(metrics["token_accuracy"]),
-                    "tokens_per_second": float(window_tokens) / max(elapsed, 1e-9),
+                    "supervised_tokens": float(metrics["supervised_tokens"]),
+                    "padding_fraction": float(metrics["padding_fraction"]),
+                    "tokens_per_second": tokens_per_second,
+                    "step_time_s": elapsed / window_steps,
+                    "mfu": tokens_per_second * tokens_flops / (peak * mesh.devices.size),
+                    "mfu_peak": peak_source,
                 }
             )
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        epoch_end = step % steps_per_epoch == 0 and step < total_steps
+        if eval_store is not None and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
+            publish({"event": "eval", "step": step, **evaluate(params)})
     ckpts.close()
-    eval_loss_end = evaluate(params)
+    eval_end = evaluate(params)
+    eval_loss_end = eval_end and eval_end["loss"]
+    if eval_end:
+        publish({"event": "eval", "step": step, **eval_end})
 
     export_dir = Path(spec.export_dir)
     save_pretrained(params, hf_config, export_dir, dtype=spec.export_dtype)
@@ -133,6 +154,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "train_loss": last_loss,
         "eval_loss_start": eval_loss_start,
         "eval_loss_end": eval_loss_end,
+        "eval_end": eval_end,
         "process_count": jax.process_count(),
         "mesh_devices": int(mesh.devices.size),
         "mesh_shape": dict(mesh.shape),

@@ -156,7 +156,7 @@ class SFTTrainer:
             raise TrainingFailed(_first_failure(err)) from err
 
 
-def _first_failure(error: TrainingFailedError) -> str:
+def _first_failure(error: BaseException) -> str:
     """One line saying what failed on the lowest failing rank (or the controller)."""
     failures = getattr(error, "worker_failures", None) or {}
     cause = failures[min(failures)] if failures else getattr(error, "controller_failure", error)

@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 from conftest import write_jsonl
-from raysft.data.errors import DataError
 from raysft.data.prepare import prepare_dataset
 from raysft.data.rows import best_fit_decreasing, build_rows, wrapped_rows
 from raysft.data.settings import DataSettings

@@ -131,7 +131,8 @@ def to_example(row: dict, fmt: str, text_field: str, where: str, formatting_func
         extra = _string(row, "input", where, optional=True)
         response = _string(row, "response" if row.get("response") is not None else "output", where)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example(prompt=prompt, completion=response)
+        # A blank line between the prompt and the response, so neither runs into the other.
+        return Example(prompt=prompt + "\n\n", completion=response)
     if fmt == "prompt_completion":
         prompt, completion = _field(row, "prompt", where), _field(row, "completion", where)
         if isinstance(prompt, str) and isinstance(completion, str):

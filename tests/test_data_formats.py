@@ -124,7 +124,7 @@ def test_prompt_completion_strings(tokenizer_dir):
 def test_instruction_rows_train_the_response(tokenizer_dir, row, prompt):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     (ids, weights), = encode(tok, row, "instruction").pieces
-    assert tok.decode(ids) == prompt + "the cat</s>"
+    assert tok.decode(ids) == prompt + "\n\nthe cat</s>"
     assert trained_runs(tok, ids, weights) == ["the cat</s>"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 from pathlib import Path
@@ -125,6 +126,19 @@ class SFTConfig(BaseModel):
     # TPU slices need a topology-aware scaling config; it is not wired up yet.
     backend: Literal["cpu", "gpu"] = Field("cpu", description="Accelerator the workers use (one GPU each).")
     cpu_devices_per_host: int = Field(2, gt=0, description="JAX CPU devices per worker when backend is cpu.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, values):
+        """An unknown key names the closest field, as a typo usually is one."""
+        if isinstance(values, dict):
+            names = set(cls.model_fields)
+            for key in values:
+                if key not in names:
+                    close = difflib.get_close_matches(str(key), names, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"unknown field {key!r}{hint}")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> "SFTConfig":

@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raysft.orchestrator.tpu import TpuSlice
+
 DType = Literal["float32", "bfloat16"]
 
 
@@ -118,14 +120,49 @@ class SFTConfig(BaseModel):
         None, gt=0, description="Evaluate every this many steps (and always at each epoch end and the end)."
     )
 
+    save_interval_minutes: float | None = Field(
+        None, gt=0, description="Also checkpoint when this many minutes passed since the last save (checked every log step)."
+    )
+
+    # Fault tolerance
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts after failures (a crashed or lost host, a hang); config and data errors never restart."
+    )
+    max_preemption_restarts: int = Field(
+        100, ge=0, description="Restarts after preemptions (a drained node, SIGTERM), counted apart from max_restarts."
+    )
+    allow_data_change: bool = Field(
+        False, description="Resume a checkpoint although the prepared data changed (by default that is refused)."
+    )
+    step_timeout_s: float = Field(
+        900.0, gt=0, description="A host that completes no step for this long is restarted instead of hanging."
+    )
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="Limit for joining jax.distributed, loading weights and compiling the first step."
+    )
+
     # Hosts and mesh
     sharding_axis_dims: tuple[int, int, int, int] = Field(
-        (1, -1, 1, 1), description="Mesh sizes (dp, fsdp, tp, sp) over all devices of all hosts; -1 takes the rest."
+        (1, -1, 1, 1),
+        description="Mesh sizes (dp, fsdp, tp, sp) over all devices of all hosts (of each slice when num_slices > 1); "
+        "-1 takes the rest.",
     )
-    num_hosts: int = Field(1, gt=0, description="Worker processes (one per TPU host).")
-    # TPU slices need a topology-aware scaling config; it is not wired up yet.
-    backend: Literal["cpu", "gpu"] = Field("cpu", description="Accelerator the workers use (one GPU each).")
+    num_hosts: int = Field(1, gt=0, description="Worker processes, one per host (derived from the TPU slice when set).")
+    backend: Literal["cpu", "gpu", "tpu"] = Field(
+        "cpu", description="Accelerator the workers use: cpu, gpu (one each) or tpu (set by tpu_type)."
+    )
     cpu_devices_per_host: int = Field(2, gt=0, description="JAX CPU devices per worker when backend is cpu.")
+    worker_resources: dict[str, float] | None = Field(
+        None,
+        description="Ray resources of each worker (default: 1 CPU, 1 GPU, or a TPU host's chips), "
+        "e.g. {'CPU': 8} for one worker per 8-core node.",
+    )
+    tpu_type: str | None = Field(None, description="TPU slice type, e.g. v4-16, v5litepod-16, v6e-8 (sets backend tpu).")
+    accelerator_type: str | None = Field(
+        None, description="Instead of tpu_type: Ray's accelerator type, e.g. TPU-V4, with topology."
+    )
+    topology: str | None = Field(None, description="TPU topology with accelerator_type, e.g. 2x2x2.")
+    num_slices: int = Field(1, gt=0, description="TPU slices; data parallel across slices over DCN.")
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +188,17 @@ class SFTConfig(BaseModel):
                 f"learning_rate_end {self.learning_rate_end} is above learning_rate {self.learning_rate}; "
                 "the schedules decay towards it"
             )
+        if self.backend == "tpu" or self.tpu_type or self.accelerator_type or self.topology:
+            tpu = self.tpu_slice  # a bad type or topology is a config error here
+            if self.backend != "tpu":
+                raise ValueError(f"a TPU slice ({tpu.tpu_type}) is set but backend is {self.backend!r}; use backend='tpu'")
+            if "num_hosts" in self.model_fields_set and self.num_hosts != tpu.num_workers:
+                raise ValueError(
+                    f"num_hosts {self.num_hosts} contradicts {tpu.num_slices} x {tpu.tpu_type}, which has "
+                    f"{tpu.num_workers} hosts; leave num_hosts out"
+                )
+        elif self.num_slices != 1:
+            raise ValueError("num_slices > 1 needs a TPU slice: set tpu_type")
         dims = self.sharding_axis_dims
         if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
             raise ValueError(f"sharding_axis_dims {dims}: sizes must be positive, with at most one -1")
@@ -171,6 +219,26 @@ class SFTConfig(BaseModel):
                     f"{self.gradient_accumulation_steps}"
                 )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tpu_sets_backend(cls, values):
+        """`tpu_type` alone is enough to train on TPUs."""
+        if isinstance(values, dict) and (values.get("tpu_type") or values.get("accelerator_type")):
+            values = {"backend": "tpu", **values}
+        return values
+
+    @property
+    def tpu_slice(self) -> TpuSlice | None:
+        if self.backend != "tpu":
+            return None
+        return TpuSlice.resolve(self.tpu_type, self.accelerator_type, self.topology, self.num_slices)
+
+    @property
+    def hosts(self) -> int:
+        """Worker processes: one per TPU host of every slice, else num_hosts."""
+        tpu = self.tpu_slice
+        return tpu.num_workers if tpu else self.num_hosts
 
     @property
     def run_dir(self) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import queue
 import threading
 
+import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 
@@ -13,7 +15,9 @@ class ProgressReporter:
     """Drains worker metrics in a background thread into a progress bar and log lines."""
 
     def __init__(self, quiet: bool = False):
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node would die with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.records: list[dict] = []
         self.quiet = quiet
         self._stop = threading.Event()
@@ -30,6 +34,11 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.close()
         self.queue.shutdown()
+
+    def note(self, record: dict) -> None:
+        """A driver-side event (a restart), kept and shown with the workers' ones."""
+        self.records.append(record)
+        self._show(record)
 
     def _drain(self) -> None:
         while True:
@@ -67,3 +76,7 @@ class ProgressReporter:
                 f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
                 f"token accuracy {record['token_accuracy']:.3f}"
             )
+        elif event in ("warning", "restart"):
+            tqdm.write(f"{event}: {record['message']}")
+        elif event == "preempted":
+            tqdm.write(f"preemption notice: saved step {record['step']}; restarting")

@@ -12,6 +12,7 @@ from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.progress import ProgressReporter
+from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.workers.models.auto import CausalLM, resolve_model_dir
 from raysft.workers.spec import TrainSpec
 from raysft.workers.train_loop import train_loop_per_worker
@@ -71,7 +72,7 @@ class SFTTrainer:
         run_dir = args.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
-        connect(args.num_hosts)
+        connect(args.hosts)
 
         def prepare(dataset, packing: bool):
             settings = DataSettings(
@@ -123,42 +124,62 @@ class SFTTrainer:
                 summary_file=str(summary_file),
                 metrics_queue=progress.queue,
             )
-            self._fit(spec, run_dir)
+            self._fit(spec, run_dir, progress)
         if not summary_file.is_file():
             raise TrainingFailed(f"training ended without writing {summary_file}")
         summary = json.loads(summary_file.read_text())
         return TrainOutput(run_dir, Path(spec.export_dir), Path(spec.checkpoint_dir), summary, progress.records)
 
-    def _fit(self, spec: TrainSpec, run_dir: Path) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    def _fit(self, spec: TrainSpec, run_dir: Path, progress: ProgressReporter) -> None:
+        """Run attempts until one finishes; each failed one restarts from the latest
+        checkpoint while its kind's budget lasts (see `restarts`)."""
+        from ray.train import TrainingFailedError
+
+        budget = RestartBudget(self.args.max_restarts, self.args.max_preemption_restarts)
+        while True:
+            try:
+                self._attempt(spec, run_dir).fit()
+                return
+            except TrainingFailedError as err:
+                failure = classify(err)
+                if not budget.allow(failure):
+                    spent = "" if failure.kind == "input" else f"; {budget.describe(failure)}"
+                    raise TrainingFailed(failure.message + spent) from err
+                progress.note(
+                    {"event": "restart", "kind": failure.kind, "cause": failure.message,
+                     "message": f"{budget.describe(failure)} after {failure.message}; resuming from the latest checkpoint"}
+                )
+
+    def _attempt(self, spec: TrainSpec, run_dir: Path):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.v2.jax import JaxTrainer
 
         args = self.args
+        tpu = args.tpu_slice
+        if tpu is not None:
+            scaling = ScalingConfig(
+                num_workers=tpu.num_workers,
+                use_tpu=True,
+                topology=tpu.topology,
+                accelerator_type=tpu.accelerator_type,
+                resources_per_worker={**tpu.resources_per_worker, **(args.worker_resources or {})},
+            )
+        else:
+            gpu = args.backend == "gpu"
+            default = {"GPU": 1} if gpu else {"CPU": 1}
+            scaling = ScalingConfig(
+                num_workers=args.num_hosts, use_gpu=gpu, resources_per_worker=args.worker_resources or default
+            )
         env = {"JAX_PLATFORMS": "cpu"} if args.backend == "cpu" else {}
-        trainer = JaxTrainer(
+        return JaxTrainer(
             train_loop_per_worker,
             train_loop_config=spec.as_dict(),
-            scaling_config=ScalingConfig(
-                num_workers=args.num_hosts,
-                use_gpu=args.backend == "gpu",
-                resources_per_worker={"GPU": 1} if args.backend == "gpu" else {"CPU": 1},
-            ),
+            scaling_config=scaling,
             run_config=RunConfig(
                 name="train",
                 storage_path=str(run_dir / "ray"),
-                failure_config=FailureConfig(max_failures=0),
+                # Ray restarts nothing itself: `_fit` decides, by the kind of failure.
+                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        try:
-            trainer.fit()
-        except TrainingFailedError as err:
-            raise TrainingFailed(_first_failure(err)) from err
-
-
-def _first_failure(error: BaseException) -> str:
-    """One line saying what failed on the lowest failing rank (or the controller)."""
-    failures = getattr(error, "worker_failures", None) or {}
-    cause = failures[min(failures)] if failures else getattr(error, "controller_failure", error)
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"

@@ -33,7 +33,7 @@ def batches(vocab: int, steps: int = STEPS, b: int = 8, t: int = 32) -> list[dic
     return out
 
 
-def run(model_dir: Path, dims, accumulation: int = 1, devices=None):
+def run(model_dir: Path, dims, accumulation: int = 1, devices=None, num_slices: int = 1):
     """(losses of STEPS AdamW steps, first-step gradients on host) on mesh `dims`."""
     import jax
     import jax.numpy as jnp
@@ -47,7 +47,7 @@ def run(model_dir: Path, dims, accumulation: int = 1, devices=None):
     from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.step import make_gradient_fn, make_train_step
 
-    mesh = global_mesh(*dims, devices=devices)
+    mesh = global_mesh(*dims, devices=devices, num_slices=num_slices)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime("vanilla", mesh=mesh))
     p_shard = {n: param_sharding(mesh, n, s.shape) for n, s in layout.shapes.items()}
@@ -82,8 +82,15 @@ def main(model_dir: str, out_dir: str, coordinator: str, processes: int, rank: i
         out[name] = losses
         if name == "fsdp" and rank == 0:
             np.savez(Path(out_dir) / "grads_2hosts.npz", **grads)
+    # Each process stands for one TPU slice: dp runs across them (the DCN axis), fsdp within.
+    from raysft.workers.mesh import global_mesh
+
+    out["two_slices"], _ = run(Path(model_dir), (1, 2, 1, 1), num_slices=2)
+    mesh = global_mesh(1, 2, 1, 1, num_slices=2)
+    slices = [sorted({d.process_index for d in mesh.devices[i].flat}) for i in range(mesh.shape["dp"])]
     if rank == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(out))
+        (Path(out_dir) / "slices.json").write_text(json.dumps({"shape": dict(mesh.shape), "dp_processes": slices}))
     jax.distributed.shutdown()
 
 

@@ -33,7 +33,9 @@ def test_layouts_follow_the_single_device_trajectory(tmp_path):
 
     reference, reference_grads = run(model_dir, (1, 1, 1, 1), devices=jax.devices()[:1])  # one device
     trajectories = json.loads((tmp_path / "losses.json").read_text())
-    assert set(trajectories) == set(LAYOUTS)
+    assert set(trajectories) == set(LAYOUTS) | {"two_slices"}
+    slices = json.loads((tmp_path / "slices.json").read_text())
+    assert slices == {"shape": {"dp": 2, "fsdp": 2, "tp": 1, "sp": 1}, "dp_processes": [[0], [1]]}
     for name, losses in trajectories.items():
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=name)
     assert reference[-1] < reference[0]

@@ -1,11 +1,18 @@
-"""Orbax checkpoints of the training state, saved asynchronously and committed atomically."""
+"""Orbax checkpoints of the training state, saved asynchronously and committed atomically.
+
+Orbax writes each step into a temporary directory and renames it when every host has
+finished, so a save killed midway leaves no step behind and `latest_step` is always a
+complete one.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -13,11 +20,39 @@ class ResumeMismatch(ValueError):
     """A checkpoint that was trained on other data than this run prepares."""
 
 
-class Checkpoints:
-    """Params, optimizer state and run metadata (step, data fingerprint) per step."""
+class SavePolicy:
+    """When to save: every `save_steps`, and once `save_interval_minutes` passed.
 
-    def __init__(self, directory: str | Path, save_steps: int | None, keep: int | None):
+    Every host must save the same steps, so the clock is read on host 0 and its answer
+    broadcast, at log steps only (where the loop syncs anyway).
+    """
+
+    def __init__(self, save_steps: int | None, save_interval_minutes: float | None, log_steps: int):
         self.save_steps = save_steps
+        self.interval_s = save_interval_minutes * 60 if save_interval_minutes else None
+        self.log_steps = log_steps
+        self.last_save = time.monotonic()
+
+    def due(self, step: int) -> str | None:
+        """Why `step` is saved ("steps" or "interval"), or None."""
+        if self.save_steps and step % self.save_steps == 0:
+            return "steps"
+        if self.interval_s and step % self.log_steps == 0:
+            from jax.experimental import multihost_utils
+
+            elapsed = np.int32(time.monotonic() - self.last_save >= self.interval_s)
+            if int(multihost_utils.broadcast_one_to_all(elapsed)):
+                return "interval"
+        return None
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
+class Checkpoints:
+    """Params and optimizer state per step, with the run's metadata next to them."""
+
+    def __init__(self, directory: str | Path, keep: int | None):
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(
@@ -30,28 +65,34 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def due(self, step: int) -> bool:
-        return bool(self.save_steps) and step % self.save_steps == 0
-
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Start an async save; the previous one is finished first (orbax orders them)."""
+        """Start an async save: training goes on while it is written (the previous save
+        is finished first). The step becomes visible only once complete on every host."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                meta=ocp.args.JsonSave(dict(meta, step=step)),
+                meta=ocp.args.JsonSave(dict(meta, step=step, saved_at=time.time())),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_params, abstract_opt_state, data_fingerprint: str) -> tuple[Any, Any]:
-        """(params, opt_state) of `step`, refused if it was trained on other data."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta["data_fingerprint"] != data_fingerprint:
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(
+        self, step: int, abstract_params, abstract_opt_state, data_fingerprint: str, allow_data_change: bool = False
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """(params, opt_state, meta) of `step`; refused if it was trained on other data."""
+        meta = self.meta(step)
+        if meta["data_fingerprint"] != data_fingerprint and not allow_data_change:
             raise ResumeMismatch(
                 f"checkpoint step {step} in {self.manager.directory} was trained on data "
-                f"{meta['data_fingerprint']}, this run prepared {data_fingerprint}; "
-                "use a new model_name or save_directory to start over"
+                f"{meta['data_fingerprint']}, this run prepared {data_fingerprint}; set allow_data_change=True "
+                "to continue on the new data, or use a new model_name or save_directory to start over"
             )
         restored = self.manager.restore(
             step,
@@ -59,11 +100,20 @@ class Checkpoints:
                 state=ocp.args.StandardRestore({"params": abstract_params, "opt_state": abstract_opt_state}),
             ),
         )
-        return restored.state["params"], restored.state["opt_state"]
+        return restored.state["params"], restored.state["opt_state"], meta
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`name: old -> new` for each setting that shapes the trajectory and differs."""
+    return [
+        f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+        for name in sorted(set(saved) | set(current))
+        if saved.get(name) != current.get(name)
+    ]
 
 
 def abstract_like(tree, shardings) -> Any:

@@ -14,7 +14,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_jax_distributed(backend: str, cpu_devices_per_host: int) -> None:
+def init_jax_distributed(backend: str, cpu_devices_per_host: int, timeout_s: float) -> None:
     """Initialise `jax.distributed` across the Ray Train worker group.
 
     Ray Train's JaxTrainer does this itself on GPU and TPU; on CPU rank 0 picks the
@@ -29,4 +29,4 @@ def init_jax_distributed(backend: str, cpu_devices_per_host: int) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     address = f"{ray.util.get_node_ip_address()}:{_free_port()}" if rank == 0 else None
     address = broadcast_from_rank_zero(address)
-    jax.distributed.initialize(address, num_processes=world, process_id=rank)
+    jax.distributed.initialize(address, num_processes=world, process_id=rank, initialization_timeout=int(timeout_s))

@@ -23,23 +23,42 @@ class ShardingError(ValueError):
     """A mesh that does not fit the devices or the model; the message says which dim."""
 
 
-def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=None) -> Mesh:
-    """All devices of all processes (or `devices`); `-1` takes what the other axes leave."""
+def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=None, num_slices: int = 1) -> Mesh:
+    """All devices of all processes (or `devices`); `-1` takes what the other axes leave.
+
+    With several TPU slices the dims describe one slice and `dp` is multiplied by
+    `num_slices` over the data-center network: only the gradient all-reduce crosses it.
+    """
     # Process-major order keeps each host's devices contiguous on the batch axes, so a
     # host's rows are one contiguous slice of the global batch.
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
-    dims = [dp, fsdp, tp, sp]
+    if len(devices) % num_slices:
+        raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices")
+    dims = _resolve((dp, fsdp, tp, sp), len(devices) // num_slices)
+    if num_slices == 1:
+        return Mesh(np.array(devices).reshape(dims), AXES)
+    from jax.experimental import mesh_utils
+
+    # TPU devices know their slice; elsewhere (CPU tests) each process stands for one.
+    by_process = devices[0].platform != "tpu"
+    grid = mesh_utils.create_hybrid_device_mesh(
+        dims, (num_slices, 1, 1, 1), devices, process_is_granule=by_process, allow_split_physical_axes=True
+    )
+    return Mesh(grid, AXES)
+
+
+def _resolve(dims: tuple[int, ...], count: int) -> list[int]:
     if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
         raise ShardingError(f"sharding_axis_dims {tuple(dims)}: sizes must be positive, with at most one -1")
     known = int(np.prod([d for d in dims if d != -1]))
-    if len(devices) % known:
-        raise ShardingError(f"sharding_axis_dims {tuple(dims)} do not divide the {len(devices)} devices")
-    dims = [len(devices) // known if d == -1 else d for d in dims]
-    if int(np.prod(dims)) != len(devices):
+    if count % known:
+        raise ShardingError(f"sharding_axis_dims {tuple(dims)} do not divide the {count} devices")
+    resolved = [count // known if d == -1 else d for d in dims]
+    if int(np.prod(resolved)) != count:
         raise ShardingError(
-            f"sharding_axis_dims {dict(zip(AXES, dims))} cover {int(np.prod(dims))} devices, not the {len(devices)} there are"
+            f"sharding_axis_dims {dict(zip(AXES, resolved))} cover {int(np.prod(resolved))} devices, not the {count} there are"
         )
-    return Mesh(np.array(devices).reshape(dims), AXES)
+    return resolved
 
 
 def param_spec(name: str, shape: tuple[int, ...]) -> tuple:

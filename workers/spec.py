@@ -13,6 +13,13 @@ _RUN_FIELDS = {
 }
 
 
+_TRAJECTORY_FIELDS = (
+    "total_batch_size", "num_train_epochs", "max_training_steps", "learning_rate", "learning_rate_end",
+    "scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay", "clip_grad", "seed", "dtype",
+    "param_dtype", "z_loss",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
     model_dir: str
@@ -22,9 +29,10 @@ class TrainSpec:
     checkpoint_dir: str
     export_dir: str
     summary_file: str
-    backend: str  # cpu | gpu
+    backend: str  # cpu | gpu | tpu
     cpu_devices_per_host: int
     sharding_axis_dims: tuple[int, int, int, int]
+    num_slices: int
     dtype: str
     param_dtype: str
     export_dtype: str
@@ -51,6 +59,10 @@ class TrainSpec:
     save_steps: int | None
     save_total_limit: int | None
     do_last_save: bool
+    save_interval_minutes: float | None
+    allow_data_change: bool
+    step_timeout_s: float
+    startup_timeout_s: float
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
 
     @classmethod
@@ -66,6 +78,11 @@ class TrainSpec:
     def as_dict(self) -> dict[str, Any]:
         """Shallow, so the queue handle travels as itself."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint to continue the same
+        run (checkpoints record them and a resume names any that changed)."""
+        return {name: getattr(self, name) for name in _TRAJECTORY_FIELDS}
 
     def total_steps(self, steps_per_epoch: int) -> int:
         steps = steps_per_epoch * self.num_train_epochs

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 
+import ray.train
+
 from raysft.workers.distributed import init_jax_distributed
 from raysft.workers.spec import TrainSpec
+from raysft.workers.watchdog import Watchdog
 
 def train_loop_per_worker(spec_fields: dict) -> None:
     spec = TrainSpec(**spec_fields)
     # orbax logs every save phase through absl at INFO; keep the driver's console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    init_jax_distributed(spec.backend, spec.cpu_devices_per_host)
+    watchdog = Watchdog(spec.startup_timeout_s, spec.step_timeout_s, ray.train.get_context().get_world_rank())
+    watchdog.progress("joining jax.distributed")
+    init_jax_distributed(spec.backend, spec.cpu_devices_per_host, spec.startup_timeout_s)
     # JAX is imported only after the distributed runtime is up (TPU hosts lock at import).
     import jax
     import jax.numpy as jnp
 
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
-    from raysft.workers.checkpoint import Checkpoints, abstract_like
+    from raysft.workers.checkpoint import Checkpoints, SavePolicy, abstract_like, changed_settings
     from raysft.workers.flops import flops_per_token, peak_flops
     from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings, param_sharding
     from raysft.workers.models.auto import build_layout
@@ -31,10 +37,11 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.models.loading import load_params
     from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
+    from raysft.workers.preemption import Preempted, PreemptionNotice
     from raysft.workers.step import make_eval_step, make_train_step
 
     rank0 = jax.process_index() == 0
-    mesh = global_mesh(*spec.sharding_axis_dims)
+    mesh = global_mesh(*spec.sharding_axis_dims, num_slices=spec.num_slices)
     model_dir = Path(spec.model_dir)
     hf_config = read_hf_config(model_dir / "config.json")
     runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
@@ -64,7 +71,14 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_shard = optimizer_state_shardings(abstract_opt, layout.shapes, p_shard, mesh)
 
-    ckpts = Checkpoints(spec.checkpoint_dir, spec.save_steps, spec.save_total_limit)
+    def publish(record: dict) -> None:
+        if rank0 and spec.metrics_queue is not None:
+            spec.metrics_queue.put({**record, "time": time.time()})
+
+    watchdog.progress("loading the model or restoring the latest checkpoint")
+    ckpts = Checkpoints(spec.checkpoint_dir, spec.save_total_limit)
+    trajectory = spec.trajectory()
+    config_hash = hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode()).hexdigest()[:16]
     start_step = ckpts.latest_step()
     param_bytes_read = 0
     if start_step is None:
@@ -72,9 +86,28 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         params, param_bytes_read = load_params(model_dir, layout, lambda name, shape: p_shard[name])
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
     else:
-        params, opt_state = ckpts.restore(
-            start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint
+        params, opt_state, saved = ckpts.restore(
+            start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint, spec.allow_data_change
         )
+        changes = changed_settings(saved.get("config", {}), trajectory)
+        if saved["data_fingerprint"] != store.fingerprint:
+            changes.append(f"data: {saved['data_fingerprint']} -> {store.fingerprint} (allow_data_change)")
+        if changes:
+            publish({"event": "warning", "message": f"resuming step {start_step} with changes: " + "; ".join(changes)})
+
+    def checkpoint_meta(step: int, reason: str) -> dict:
+        epoch, within = divmod(step, steps_per_epoch)
+        return {
+            "epoch": epoch,
+            # The rows of every step are a function of (store, seed, step): this cursor and
+            # the seed are the whole data-loader and RNG state (the model draws no randomness).
+            "data_cursor": {"epoch": epoch, "step_in_epoch": within, "rows_consumed": step * batch},
+            "rng": {"seed": spec.seed, "data_order_key": [spec.seed, epoch]},
+            "data_fingerprint": store.fingerprint,
+            "config_hash": config_hash,
+            "config": trajectory,
+            "reason": reason,
+        }
 
     train_step = make_train_step(
         layout, optimizer, (p_shard, opt_shard), spec.loss_chunk_size, spec.z_loss, accumulation, b_shard
@@ -91,27 +124,34 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
                 "token_accuracy": totals["correct"] / max(totals["weight_sum"], 1.0)}
 
-    def publish(record: dict) -> None:
-        if rank0 and spec.metrics_queue is not None:
-            spec.metrics_queue.put(record)
-
-    meta = {"data_fingerprint": store.fingerprint}
+    watchdog.progress("evaluating", spec.startup_timeout_s)
     eval_start = evaluate(params)
     eval_loss_start = eval_start and eval_start["loss"]
     publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
 
     tokens_flops = flops_per_token(model_config, store.seq_len)
     peak, peak_source = peak_flops(jax.devices()[0])
+    saves = SavePolicy(spec.save_steps, spec.save_interval_minutes, spec.log_steps)
+    preemption = PreemptionNotice()
     step, last_loss = start_step, None
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    watchdog.progress("compiling and running the first step", spec.startup_timeout_s)
     while step < total_steps:
         rows = store.step_rows(spec.seed, step, batch)
         params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
         window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
         window_steps += 1
         step += 1
-        if ckpts.due(step) or (step == total_steps and spec.do_last_save):
-            ckpts.save(step, params, opt_state, meta)
+        watchdog.dispatched(step, metrics["loss"])
+        if preemption.reached(step):
+            ckpts.save(step, params, opt_state, checkpoint_meta(step, "preemption"))
+            ckpts.wait()
+            publish({"event": "preempted", "step": step})
+            raise Preempted(f"preemption notice: saved step {step} and stopped")
+        reason = saves.due(step) or ("final" if step == total_steps and spec.do_last_save else None)
+        if reason:
+            ckpts.save(step, params, opt_state, checkpoint_meta(step, reason))
+            saves.saved()
         if step % spec.log_steps == 0 or step == total_steps:
             metrics = jax.device_get(metrics)  # the only host sync, once per log step
             elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -137,7 +177,11 @@ def train_loop_per_worker(spec_fields: dict) -> None:
             window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         epoch_end = step % steps_per_epoch == 0 and step < total_steps
         if eval_store is not None and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
+            watchdog.progress("evaluating", spec.startup_timeout_s)
             publish({"event": "eval", "step": step, **evaluate(params)})
+            watchdog.progress("training")
+    preemption.close()
+    watchdog.progress("finishing the last checkpoint", spec.startup_timeout_s)
     ckpts.close()
     eval_end = evaluate(params)
     eval_loss_end = eval_end and eval_end["loss"]
@@ -145,6 +189,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         publish({"event": "eval", "step": step, **eval_end})
 
     export_dir = Path(spec.export_dir)
+    watchdog.progress("exporting", spec.startup_timeout_s)
     save_pretrained(params, hf_config, export_dir, dtype=spec.export_dtype)
     summary = {
         "start_step": start_step,
@@ -168,5 +213,6 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     if rank0:
         write_assets(export_dir, hf_config, model_dir, tokenizer_dir=Path(spec.tokenizer_dir))
         Path(spec.summary_file).write_text(json.dumps(summary, indent=2))
+    watchdog.close()
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 

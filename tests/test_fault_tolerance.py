@@ -1,0 +1,268 @@
+"""Restarts, checkpoints and TPU slices: the promises of a preemptible cluster.
+
+The node-loss scenarios run in `fault_scenarios.py` on a multi-node Ray cluster of this
+machine, in a process of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+import raysft as rs
+from raysft.orchestrator.restarts import RestartBudget, classify
+from raysft.orchestrator.tpu import TpuSlice
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("faults")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fault_scenarios.py"), str(out)], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def _params(export_dir: str) -> dict[str, np.ndarray]:
+    tensors = {}
+    for file in sorted(Path(export_dir).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == np.float32
+        assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
+
+
+def test_killed_node_resumes_from_latest_step_bit_identical(scenarios):
+    base, killed = scenarios["uninterrupted"], scenarios["node_killed"]
+    assert "error" not in killed and "error" not in killed["event"], killed
+    restarts = [r for r in killed["records"] if r["event"] == "restart"]
+    assert [r["kind"] for r in restarts] == ["failure"]
+    assert restarts[0]["cause"].startswith("rank ") and "Actor" in restarts[0]["cause"]  # the lost host's worker
+    starts = [r["start_step"] for r in killed["records"] if r["event"] == "start"]
+    latest_at_kill = max(killed["event"]["checkpoints_at_kill"])
+    # The second attempt starts from the latest checkpoint there was (one committed
+    # between the listing and the kill is later still).
+    assert starts[0] == 0 and starts[1] >= latest_at_kill >= 10
+    assert killed["summary"]["start_step"] == starts[1] and killed["summary"]["final_step"] == 60
+    # Steps between the checkpoint and the kill were trained twice; the step records show it.
+    steps = [r["step"] for r in killed["records"] if r["event"] == "step"]
+    assert steps[-1] == 60 and len(steps) > 60
+    _assert_bit_identical(_params(base["export_dir"]), _params(killed["export_dir"]))
+
+
+def test_drained_node_saves_at_once_and_restarts_as_preemption(scenarios):
+    base, drained = scenarios["uninterrupted"], scenarios["node_drained"]
+    assert "error" not in drained and "error" not in drained["event"], drained
+    restarts = [r for r in drained["records"] if r["event"] == "restart"]
+    assert [r["kind"] for r in restarts] == ["preemption"]
+    assert "Preempted" in restarts[0]["cause"]
+    preempted = [r["step"] for r in drained["records"] if r["event"] == "preempted"]
+    starts = [r["start_step"] for r in drained["records"] if r["event"] == "start"]
+    # The preemption checkpoint is off the save_steps grid and the next attempt starts there.
+    assert len(preempted) == 1 and starts == [0, preempted[0]]
+    assert drained["summary"]["final_step"] == 60
+    _assert_bit_identical(_params(base["export_dir"]), _params(drained["export_dir"]))
+
+
+def test_kill_during_checkpoint_write_restores_previous_step(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "checkpoint_kill_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not seen.get("error") and not seen["step_2_committed"], seen
+    assert any(e.startswith("2") and e != "2" for e in seen["entries"])  # killed mid-write
+
+    import jax
+    import jax.numpy as jnp
+
+    from raysft.workers.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path, keep=None)
+    assert ckpts.latest_step() == 1
+    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    params, opt_state, meta = ckpts.restore(1, abstract, {"count": jax.ShapeDtypeStruct((), jnp.int32)}, "abc")
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.ones(4))
+    assert int(opt_state["count"]) == 1 and meta["step"] == 1
+    ckpts.close()
+
+
+def test_changed_data_is_refused_unless_allowed(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from raysft.workers.checkpoint import Checkpoints, ResumeMismatch
+
+    ckpts = Checkpoints(tmp_path, keep=None)
+    ckpts.save(3, {"w": jnp.ones(2)}, {}, {"data_fingerprint": "old"})
+    ckpts.wait()
+    abstract = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    with pytest.raises(ResumeMismatch, match="trained on data old, this run prepared new; set allow_data_change=True"):
+        ckpts.restore(3, abstract, {}, "new")
+    params, _, meta = ckpts.restore(3, abstract, {}, "new", allow_data_change=True)
+    assert meta["data_fingerprint"] == "old" and np.asarray(params["w"]).sum() == 2
+    ckpts.close()
+
+
+@pytest.mark.parametrize(
+    "tpu_type, slices, accelerator, topology, workers, chips",
+    [
+        ("v4-8", 1, "TPU-V4", "2x2x1", 1, 4),
+        ("v4-16", 1, "TPU-V4", "2x2x2", 2, 4),
+        ("v5litepod-16", 2, "TPU-V5LITEPOD", "4x4", 8, 4),
+        ("v6e-8", 1, "TPU-V6E", "2x4", 1, 8),
+    ],
+)
+def test_tpu_scaling_config(tpu_type, slices, accelerator, topology, workers, chips):
+    from ray.train import ScalingConfig
+
+    config = rs.SFTConfig(tpu_type=tpu_type, num_slices=slices)
+    tpu = config.tpu_slice
+    assert config.backend == "tpu" and config.hosts == workers
+    assert (tpu.accelerator_type, tpu.topology, tpu.num_workers, tpu.chips_per_host) == (accelerator, topology, workers, chips)
+    assert tpu.hosts_per_slice == workers // slices
+    # Ray Train accepts it as it is: it validates workers against the topology itself.
+    scaling = ScalingConfig(
+        num_workers=tpu.num_workers, use_tpu=True, topology=tpu.topology,
+        accelerator_type=tpu.accelerator_type, resources_per_worker=tpu.resources_per_worker,
+    )
+    assert scaling.num_tpus_per_worker == chips
+    # The same slice by accelerator type and topology.
+    assert TpuSlice.resolve(None, accelerator, topology, slices) == tpu
+
+
+def test_tpu_config_errors():
+    with pytest.raises(ValueError, match="v4 slices have 8, 16, 32"):
+        rs.SFTConfig(tpu_type="v4-12")
+    with pytest.raises(ValueError, match="num_hosts 4 contradicts 1 x v4-16, which has 2 hosts"):
+        rs.SFTConfig(tpu_type="v4-16", num_hosts=4)
+    with pytest.raises(ValueError, match="num_slices > 1 needs a TPU slice"):
+        rs.SFTConfig(num_slices=2)
+    with pytest.raises(ValueError, match="topology '3x3' is not a v6e topology"):
+        rs.SFTConfig(accelerator_type="TPU-V6E", topology="3x3")
+
+
+def test_restart_policy_classifies_failures():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from raysft.workers.checkpoint import ResumeMismatch
+    from raysft.workers.preemption import Preempted
+
+    def group(*errors):
+        return WorkerGroupError("x", dict(enumerate(errors)))
+
+    assert classify(group(ResumeMismatch("other data"), ResumeMismatch("other data"))).kind == "input"
+    assert classify(group(Preempted("saved step 7"), RuntimeError("gloo"))).kind == "preemption"
+    died = classify(group(RuntimeError("collective aborted"), ActorDiedError()))
+    assert died.kind == "failure" and died.message.startswith("rank 1: ActorDiedError")
+    unhealthy = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
+    assert classify(group(unhealthy)).message.startswith("rank 0: ActorDiedError")
+    assert classify(group(RuntimeError("XLA error"))).kind == "failure"
+    budget = RestartBudget(max_restarts=1, max_preemption_restarts=2)
+    failure, preemption = classify(group(RuntimeError("x"))), classify(group(Preempted("y")))
+    assert budget.allow(failure) and not budget.allow(failure)
+    assert budget.allow(preemption) and budget.allow(preemption) and not budget.allow(preemption)
+    assert not RestartBudget(3, 3).allow(classify(group(ValueError("bad"))))
+
+
+def test_cluster_yaml_passes_ray_autoscaler_validation():
+    from ray.autoscaler._private.gcp.config import get_node_type
+    from ray.autoscaler._private.gcp.node import GCPNodeType
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    types = config["available_node_types"]
+    # Ray's GCP provider decides what a node config is (and checks acceleratorType).
+    tpus = {name: t for name, t in types.items() if get_node_type(t["node_config"]) == GCPNodeType.TPU}
+    assert get_node_type(types[config["head_node_type"]]["node_config"]) == GCPNodeType.COMPUTE
+    assert {t["node_config"]["acceleratorType"] for t in tpus.values()} >= {"v4-16", "v5litepod-16"}
+    for t in tpus.values():
+        scheduling = t["node_config"]["schedulingConfig"]
+        assert scheduling.get("preemptible") or scheduling.get("spot")
+        assert t["max_workers"] > t["min_workers"] == 0  # slices come and go with demand
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["tpu_v4_16"]["min_workers"] = "two"
+    with pytest.raises(Exception, match="min_workers"):
+        validate_config(prepare_config(broken))
+
+
+def test_tpu_examples_agree_with_the_slice():
+    """The run config, the KubeRay worker group and Ray's sizing describe the same slice."""
+    config = rs.SFTConfig.from_yaml(ROOT / "examples" / "tpu_v4_16.yaml")
+    tpu = config.tpu_slice
+    assert (tpu.tpu_type, tpu.num_workers, config.hosts) == ("v4-16", 2, 2)
+    kuberay = yaml.safe_load((ROOT / "examples" / "kuberay_tpu_v4_16.yaml").read_text())
+    group = kuberay["spec"]["workerGroupSpecs"][0]
+    pod = group["template"]["spec"]
+    assert group["numOfHosts"] == tpu.hosts_per_slice
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == tpu.topology
+    assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == str(tpu.chips_per_host)
+    assert kuberay["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+
+
+WATCHDOG = """
+import sys, time
+import jax.numpy as jnp
+from raysft.workers.watchdog import Watchdog
+
+class Hung:  # a step whose result never arrives, as behind a collective with a dead peer
+    def is_ready(self):
+        return False
+
+dog = Watchdog(startup_timeout_s=30, step_timeout_s=1.5, rank=3, poll_s=0.1)
+for step in range(1, 31):  # completed steps keep it quiet well past the step timeout
+    dog.dispatched(step, jnp.ones(()) * step)
+    time.sleep(0.1)
+dog.dispatched(31, Hung())
+print("dispatched 31", flush=True)
+time.sleep(30)
+print("still alive", flush=True)
+"""
+
+
+def test_watchdog_turns_a_hang_into_an_exit():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "dispatched 31" in proc.stdout and "still alive" not in proc.stdout
+    assert "rank 3 made no progress for 2 s (training; last completed step 30)" in proc.stderr
+    assert time.monotonic() - started < 25
+
+
+def test_save_policy_by_steps_and_by_time():
+    from raysft.workers.checkpoint import SavePolicy
+
+    by_steps = SavePolicy(save_steps=3, save_interval_minutes=None, log_steps=1)
+    assert [by_steps.due(s) for s in range(1, 7)] == [None, None, "steps", None, None, "steps"]
+    by_time = SavePolicy(save_steps=None, save_interval_minutes=1 / 60, log_steps=2)  # one second
+    assert by_time.due(2) is None
+    time.sleep(1.1)
+    assert by_time.due(3) is None  # the clock is read at log steps only: every host agrees
+    assert by_time.due(4) == "interval"
+    by_time.saved()
+    assert by_time.due(6) is None

@@ -119,6 +119,11 @@ class SFTConfig(BaseModel):
     eval_steps: int | None = Field(
         None, gt=0, description="Evaluate every this many steps (and always at each epoch end and the end)."
     )
+    use_wandb: bool = Field(
+        False, description="Log config, metrics and summary to Weights & Biases (offline when there is no API key)."
+    )
+    wandb_project: str = Field("raysft", description="wandb project of the run.")
+    wandb_entity: str | None = Field(None, description="wandb entity (team or user); default: the key's own.")
 
     save_interval_minutes: float | None = Field(
         None, gt=0, description="Also checkpoint when this many minutes passed since the last save (checked every log step)."

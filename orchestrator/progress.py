@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 class ProgressReporter:
     """Drains worker metrics in a background thread into a progress bar and log lines."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, sinks=()):
+        """`sinks`: objects with `log(record)` that see every record too (wandb)."""
         # On the driver's node: a queue on a worker node would die with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.records: list[dict] = []
         self.quiet = quiet
+        self.sinks = list(sinks)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._bar: tqdm | None = None
@@ -37,7 +39,12 @@ class ProgressReporter:
 
     def note(self, record: dict) -> None:
         """A driver-side event (a restart), kept and shown with the workers' ones."""
+        self._take(record)
+
+    def _take(self, record: dict) -> None:
         self.records.append(record)
+        for sink in self.sinks:
+            sink.log(record)
         self._show(record)
 
     def _drain(self) -> None:
@@ -48,8 +55,7 @@ class ProgressReporter:
                 if self._stop.is_set():
                     return
                 continue
-            self.records.append(record)
-            self._show(record)
+            self._take(record)
 
     def _show(self, record: dict) -> None:
         if self.quiet:
@@ -76,6 +82,8 @@ class ProgressReporter:
                 f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
                 f"token accuracy {record['token_accuracy']:.3f}"
             )
+        elif event == "epoch":
+            tqdm.write(f"epoch {record['epoch']} done at step {record['step']}: loss {record['loss']:.4f}")
         elif event in ("warning", "restart"):
             tqdm.write(f"{event}: {record['message']}")
         elif event == "preempted":

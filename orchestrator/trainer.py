@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.progress import ProgressReporter
+from raysft.orchestrator.report import write_report
+from raysft.orchestrator.tracking import WandbTracker
 from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.workers.models.auto import CausalLM, resolve_model_dir
 from raysft.workers.spec import TrainSpec
@@ -48,6 +52,13 @@ class SFTTrainer:
         (whose weights the workers reload from its directory, each host only its shards).
         `processing_class`: the tokenizer (default: the model directory's).
         `formatting_func(row) -> str`: the text to train on, for rows of any shape."""
+        if isinstance(model, CausalLM):
+            # `from_pretrained(..., dtype=jnp.bfloat16)` means training in bf16, as in the
+            # seed's examples, unless the config says otherwise.
+            loaded = {name: np.dtype(getattr(model, name)).name for name in ("dtype", "param_dtype")}
+            arguments = arguments.model_copy(
+                update={k: v for k, v in loaded.items() if k not in arguments.model_fields_set}
+            )
         self.args = arguments
         self.model_dir = model.model_dir if isinstance(model, CausalLM) else resolve_model_dir(model)
         self.train_dataset = train_dataset
@@ -112,22 +123,33 @@ class SFTTrainer:
 
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
-        with ProgressReporter(quiet=self.quiet) as progress:
-            spec = TrainSpec.from_config(
-                args,
-                model_dir=str(self.model_dir),
-                tokenizer_dir=str(tokenizer_dir),
-                train_store=str(train_store.path),
-                eval_store=str(eval_store.path) if eval_store else None,
-                checkpoint_dir=str(run_dir / "checkpoints"),
-                export_dir=str(run_dir / "export"),
-                summary_file=str(summary_file),
-                metrics_queue=progress.queue,
-            )
-            self._fit(spec, run_dir, progress)
-        if not summary_file.is_file():
-            raise TrainingFailed(f"training ended without writing {summary_file}")
-        summary = json.loads(summary_file.read_text())
+        tracker = None
+        if args.use_wandb:
+            tracker = WandbTracker(run_dir, args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json"))
+        try:
+            with ProgressReporter(quiet=self.quiet, sinks=[tracker] if tracker else []) as progress:
+                spec = TrainSpec.from_config(
+                    args,
+                    model_dir=str(self.model_dir),
+                    tokenizer_dir=str(tokenizer_dir),
+                    train_store=str(train_store.path),
+                    eval_store=str(eval_store.path) if eval_store else None,
+                    checkpoint_dir=str(run_dir / "checkpoints"),
+                    export_dir=str(run_dir / "export"),
+                    summary_file=str(summary_file),
+                    metrics_queue=progress.queue,
+                )
+                self._fit(spec, run_dir, progress)
+            if not summary_file.is_file():
+                raise TrainingFailed(f"training ended without writing {summary_file}")
+            summary = json.loads(summary_file.read_text())
+            write_report(run_dir / "report", progress.records, {"model_name": args.model_name, **summary})
+        except BaseException:
+            if tracker:
+                tracker.fail()
+            raise
+        if tracker:
+            tracker.finish(summary)
         return TrainOutput(run_dir, Path(spec.export_dir), Path(spec.checkpoint_dir), summary, progress.records)
 
     def _fit(self, spec: TrainSpec, run_dir: Path, progress: ProgressReporter) -> None:

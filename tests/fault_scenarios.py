@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +52,12 @@ def config(save_directory: Path, **overrides) -> rs.SFTConfig:
         max_preemption_restarts=2,
     )
     return rs.SFTConfig(**{**settings, **overrides})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -122,7 +129,8 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+        # Its own dashboard port: the test session's embedded Ray holds the default one.
+        head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()},
     )
     nodes = [cluster.add_node(**HOST) for _ in range(2)]
     ray.init(address=cluster.address)

@@ -13,14 +13,16 @@ def _parse(argv):
 
 def test_seed_command_line_parses():
     command = _parse(
-        "--repo_id meta-llama/Llama-3.1-8B-Instruct --dataset_name train.jsonl --dataset_text_field messages "
-        "--max_sequence_length 2048 --packing True --total_batch_size 16 --learning_rate 2e-5 "
-        "--learning_rate_end 5e-6 --num_train_epochs 3 --do_last_save --save_steps 1000".split()
+        "--repo_id meta-llama/Llama-3.1-8B-Instruct --dataset_name trl-lib/Capybara --dataset_split train "
+        "--dataset_text_field messages --attn_mechanism vanilla --max_sequence_length 2048 --packing True "
+        "--total_batch_size 16 --learning_rate 2e-5 --learning_rate_end 5e-6 --num_train_epochs 3 "
+        "--do_last_save --save_steps 1000 --use_wandb".split()
     )
     cfg = command.sft_config()
     assert command.repo_id == "meta-llama/Llama-3.1-8B-Instruct"
     assert (cfg.packing, cfg.do_last_save, cfg.save_steps, cfg.learning_rate_end) == (True, True, 1000, 5e-6)
-    assert cfg.dataset_text_field == "messages"
+    assert (cfg.dataset_text_field, cfg.dataset_split, cfg.attn_mechanism) == ("messages", "train", "vanilla")
+    assert cfg.use_wandb and command.dataset_name == "trl-lib/Capybara"
 
 
 def test_flags_override_yaml(tmp_path):

@@ -3,6 +3,8 @@ orbax resume and Hugging Face export, on a tiny model and a tokenizer trained he
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,102 @@ def test_missing_model_directory_is_named(tmp_path, datasets_dir):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match=f"^model directory not found: {missing}$"):
         rs.SFTTrainer(arguments=_config(tmp_path), model=missing, train_dataset=datasets_dir / "train.jsonl")
+
+
+def test_seed_basic_usage_with_wandb_offline_and_report(local_ray, tmp_path, tiny_model_dir, monkeypatch):
+    """The seed tutorial's "Basic Usage" code, with local paths for the hub ids."""
+    import jax.numpy as jnp
+    from datasets import load_dataset
+    from PIL import Image
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    rows = [{"chosen": f"Human: {a}\n\nAssistant: {b}", "rejected": "no"} for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])]
+    data_file = write_jsonl(tmp_path / "hh.jsonl", rows * 6)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+    model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=jnp.bfloat16)
+    config = rs.SFTConfig(
+        model_name="sft_example",
+        save_directory=str(tmp_path / "sft_checkpoints"),
+        dataset_text_field="chosen",
+        packing=True,
+        learning_rate=2e-3,
+        learning_rate_end=5e-4,
+        total_batch_size=4,
+        num_train_epochs=3,
+        use_wandb=True,
+        num_of_sequences=512,
+        max_sequence_length=64,
+        num_hosts=2,
+        log_steps=1,
+    )
+    trainer = rs.SFTTrainer(arguments=config, model=model, train_dataset=dataset, processing_class=tokenizer)
+    out = trainer.train()
+
+    epochs = [r for r in out.metrics if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    report = out.run_dir / "report"
+    steps = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["event"] == "step"] == list(range(1, out.summary["final_step"] + 1))
+    assert json.loads((report / "summary.json").read_text())["final_step"] == out.summary["final_step"]
+    for png in ("loss.png", "learning_rate.png", "tokens_per_second.png"):
+        with Image.open(report / png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+
+    # The offline wandb run holds the config, every step's metrics and the summary.
+    runs = list((out.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = _wandb_records(next(runs[0].glob("*.wandb")))
+    assert logged["config"]["learning_rate"] == 2e-3 and logged["config"]["model_name"] == "sft_example"
+    steps = [h["_step"] for h in logged["history"] if "train/loss" in h]
+    assert steps == list(range(1, out.summary["final_step"] + 1))
+    last = [h for h in logged["history"] if "train/loss" in h][-1]
+    assert last["train/loss"] == pytest.approx(out.summary["train_loss"])
+    assert logged["summary"]["final_step"] == out.summary["final_step"]
+
+
+def _wandb_records(path) -> dict:
+    """History rows, config and summary of an offline wandb run file.
+
+    The file is a LevelDB-style log of wandb's protobuf `Record`s (after a 7-byte
+    header, 32 KiB blocks of chunks: crc32, length, type, data; types 1 full, 2 first,
+    3 middle, 4 last), as wandb's own datastore writes it.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, offset, pending, payloads = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+    out = {"history": [], "config": {}, "summary": {}}
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind in ("run", "config"):  # the run record carries the initial config
+            update = record.run.config.update if kind == "run" else record.config.update
+            out["config"].update({i.key: json.loads(i.value_json) for i in update})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+    return out

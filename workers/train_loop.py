@@ -175,6 +175,8 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                 }
             )
             window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        if step % steps_per_epoch == 0:
+            publish({"event": "epoch", "epoch": step // steps_per_epoch, "step": step, "loss": float(metrics["loss"])})
         epoch_end = step % steps_per_epoch == 0 and step < total_steps
         if eval_store is not None and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
             watchdog.progress("evaluating", spec.startup_timeout_s)

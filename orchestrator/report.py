@@ -1,0 +1,49 @@
+"""The run report: `report/metrics.jsonl`, `report/summary.json` and PNG plots of the
+train and eval loss, the learning rate and tokens/s against the step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PLOTS = {
+    "loss.png": ("loss", [("step", "loss", "train"), ("eval", "loss", "eval")]),
+    "learning_rate.png": ("learning rate", [("step", "learning_rate", "learning rate")]),
+    "tokens_per_second.png": ("tokens/s (real, padding excluded)", [("step", "tokens_per_second", "tokens/s")]),
+}
+
+
+def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
+    """Write the report; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a head node or in a job
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = [report_dir / "metrics.jsonl", report_dir / "summary.json"]
+    written[0].write_text("".join(json.dumps(r) + "\n" for r in records))
+    written[1].write_text(json.dumps(summary, indent=2))
+    for file, (title, series) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for event, key, label in series:
+            points = _last_per_step([r for r in records if r["event"] == event and key in r])
+            if points:
+                ax.plot([r["step"] for r in points], [r[key] for r in points], marker="o" if event == "eval" else None,
+                        markersize=4, label=label)
+        ax.set(title=f"{summary.get('model_name', '')} {title}".strip(), xlabel="step", ylabel=title)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(report_dir / file, dpi=100)
+        plt.close(fig)
+        written.append(report_dir / file)
+    return written
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """A restarted run reports some steps twice; the plot shows the run that counted."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]

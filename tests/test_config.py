@@ -53,3 +53,14 @@ def test_importing_raysft_leaves_the_jax_backend_alone():
     code = "import raysft; from jax._src import xla_bridge; print(bool(xla_bridge._backends))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_docs_config_reference_is_generated_from_the_model():
+    from pathlib import Path
+
+    from raysft.orchestrator.reference import markdown
+
+    reference = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    assert reference == markdown(), "run: python -m raysft.orchestrator.reference > docs/config.md"
+    for name in rs.SFTConfig.model_fields:
+        assert f"| `{name}` |" in reference

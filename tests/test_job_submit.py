@@ -1,0 +1,76 @@
+"""`ray job submit` against a real Ray cluster started with `ray start --head` on
+127.0.0.1: the run is submitted as a job, succeeds, and leaves its checkpoint and export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, write_jsonl
+from test_sharded_loading import _free_port
+
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+@pytest.fixture
+def head_node(tmp_path, monkeypatch):
+    """A head node of its own (own temp dir and ports), stopped by ending its process:
+    `ray stop` would stop every Ray on the machine. Token auth is off for this
+    localhost-only cluster, in the head and in every client here."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    port, dashboard = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"raysft-job-{os.getpid()}"
+    head = subprocess.Popen(
+        RAY + ["start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--include-dashboard=true",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if head.poll() is not None or time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                raise RuntimeError(f"ray start --head did not come up:\n{head.stdout.read()[-3000:]}")
+            time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)  # `--block` stops the node's processes when ended
+    head.wait(timeout=120)
+
+
+def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(32)])
+    runs = tmp_path / "runs"
+    submit = subprocess.run(
+        RAY + ["job", "submit", "--address", head_node, "--submission-id", "raysft-test", "--",
+               sys.executable, "-m", "raysft.orchestrator.sft", "--repo_id", str(tiny_model_dir),
+               "--dataset_name", str(data), "--save_directory", str(runs), "--model_name", "job",
+               "--max_sequence_length", "64", "--total_batch_size", "8", "--num_hosts", "2",
+               "--max_training_steps", "3", "--save_steps", "2", "--log_steps", "1"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "Job 'raysft-test' succeeded" in submit.stdout
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head_node)
+    assert client.get_job_status("raysft-test") == JobStatus.SUCCEEDED
+    logs = client.get_job_logs("raysft-test")
+    assert "step     3" in logs and "exported:" in logs
+    run_dir = runs / "job"
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    assert (run_dir / "export" / "config.json").is_file() and list((run_dir / "export").glob("*.safetensors"))
+    assert (run_dir / "report" / "loss.png").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.progress import ProgressReporter
 from raysft.orchestrator.report import write_report
-from raysft.orchestrator.tracking import WandbTracker
 from raysft.orchestrator.restarts import RestartBudget, classify
+from raysft.orchestrator.tracking import WandbTracker
 from raysft.workers.models.auto import CausalLM, resolve_model_dir
 from raysft.workers.spec import TrainSpec
 from raysft.workers.train_loop import train_loop_per_worker
@@ -168,7 +169,7 @@ class SFTTrainer:
                     spent = "" if failure.kind == "input" else f"; {budget.describe(failure)}"
                     raise TrainingFailed(failure.message + spent) from err
                 progress.note(
-                    {"event": "restart", "kind": failure.kind, "cause": failure.message,
+                    {"event": "restart", "time": time.time(), "kind": failure.kind, "cause": failure.message,
                      "message": f"{budget.describe(failure)} after {failure.message}; resuming from the latest checkpoint"}
                 )
 

@@ -53,14 +53,20 @@ def head_node(tmp_path, monkeypatch):
 def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(32)])
     runs = tmp_path / "runs"
-    submit = subprocess.run(
+    command = (
         RAY + ["job", "submit", "--address", head_node, "--submission-id", "raysft-test", "--",
                sys.executable, "-m", "raysft.orchestrator.sft", "--repo_id", str(tiny_model_dir),
                "--dataset_name", str(data), "--save_directory", str(runs), "--model_name", "job",
                "--max_sequence_length", "64", "--total_batch_size", "8", "--num_hosts", "2",
-               "--max_training_steps", "3", "--save_steps", "2", "--log_steps", "1"],
-        capture_output=True, text=True, timeout=900,
+               "--max_training_steps", "3", "--save_steps", "2", "--log_steps", "1"]
     )
+    # The dashboard answers before its job agent has registered; Ray says to retry.
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "Job 'raysft-test' succeeded" in submit.stdout
 

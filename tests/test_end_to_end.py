@@ -4,6 +4,7 @@ orbax resume and Hugging Face export, on a tiny model and a tokenizer trained he
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -168,7 +169,11 @@ def test_seed_basic_usage_with_wandb_offline_and_report(local_ray, tmp_path, tin
     # The offline wandb run holds the config, every step's metrics and the summary.
     runs = list((out.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    logged = _wandb_records(next(runs[0].glob("*.wandb")))
+    # wandb's service process may still be writing the file when finish() returns.
+    deadline = time.monotonic() + 60
+    while "final_step" not in (logged := _wandb_records(next(runs[0].glob("*.wandb"))))["summary"]:
+        assert time.monotonic() < deadline, "the offline wandb run never got its summary"
+        time.sleep(1)
     assert logged["config"]["learning_rate"] == 2e-3 and logged["config"]["model_name"] == "sft_example"
     steps = [h["_step"] for h in logged["history"] if "train/loss" in h]
     assert steps == list(range(1, out.summary["final_step"] + 1))

@@ -29,7 +29,11 @@ def head_node(tmp_path, monkeypatch):
     head = subprocess.Popen(
         RAY + ["start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--include-dashboard=true",
-               f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+               f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               # The test session's own Ray holds the default agent ports on this machine.
+               *(f"--{name}={_free_port()}" for name in (
+                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                   "runtime-env-agent-port", "ray-client-server-port"))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

@@ -194,9 +194,9 @@ class SFTConfig(BaseModel):
                 "the schedules decay towards it"
             )
         if self.backend == "tpu" or self.tpu_type or self.accelerator_type or self.topology:
-            tpu = self.tpu_slice  # a bad type or topology is a config error here
             if self.backend != "tpu":
-                raise ValueError(f"a TPU slice ({tpu.tpu_type}) is set but backend is {self.backend!r}; use backend='tpu'")
+                raise ValueError(f"a TPU slice is set (tpu_type, accelerator_type or topology) but backend is {self.backend!r}; use backend='tpu'")
+            tpu = self.tpu_slice  # a bad type or topology is a config error here
             if "num_hosts" in self.model_fields_set and self.num_hosts != tpu.num_workers:
                 raise ValueError(
                     f"num_hosts {self.num_hosts} contradicts {tpu.num_slices} x {tpu.tpu_type}, which has "

@@ -156,6 +156,8 @@ def test_tpu_config_errors():
         rs.SFTConfig(tpu_type="v4-12")
     with pytest.raises(ValueError, match="num_hosts 4 contradicts 1 x v4-16, which has 2 hosts"):
         rs.SFTConfig(tpu_type="v4-16", num_hosts=4)
+    with pytest.raises(ValueError, match="a TPU slice is set .* but backend is 'cpu'"):
+        rs.SFTConfig(tpu_type="v4-16", backend="cpu")
     with pytest.raises(ValueError, match="num_slices > 1 needs a TPU slice"):
         rs.SFTConfig(num_slices=2)
     with pytest.raises(ValueError, match="topology '3x3' is not a v6e topology"):

@@ -136,6 +136,7 @@ def prepare_dataset(
         "documents": len(docs_ids),
         "dropped": dict(sorted(dropped.items())),
         "tokens": int(lengths.sum()),
+        "max_token_id": int(max(int(d.max()) for d in docs_ids if len(d))),
         "supervised_tokens": int(sum(float(w.sum()) for w in docs_weights)),
         "truncated_tokens": int(truncated),
         "dropped_turns": int(dropped_turns),

@@ -1,5 +1,6 @@
 """`raysft sft` (also `python -m raysft.orchestrator.sft`): the seed's command line, via
-pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks."""
+pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks;
+`raysft export`: write any checkpoint of a run in the Hugging Face layout."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import sys
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.config import DType, SFTConfig
 
-_LAUNCH_FIELDS = {"config", "repo_id", "dataset_name", "eval_dataset_name", "show"}
+_LAUNCH_FIELDS = {"config", "repo_id", "dataset_name", "eval_dataset_name", "quiet", "show"}
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -24,6 +25,7 @@ class SFTCommand(BaseSettings, SFTConfig):
     repo_id: str = Field(description="Model: a Hugging Face directory, a .gguf file or a hub repo id.")
     dataset_name: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset.")
     eval_dataset_name: str | None = Field(None, description="Held-out data, evaluated before and after.")
+    quiet: bool = Field(False, description="For logs: no progress bar or per-step lines; evals, epochs, restarts still shown.")
 
     def sft_config(self) -> SFTConfig:
         flags = {name: getattr(self, name) for name in self.model_fields_set - _LAUNCH_FIELDS}
@@ -41,6 +43,18 @@ class PreprocessCommand(SFTCommand):
     show: int = Field(3, ge=0, description="Examples to print with the trained tokens marked.")
 
 
+class ExportCommand(BaseSettings):
+    """Export a checkpoint of a run directory (safetensors, config, tokenizer) on the run's
+    own hosts and mesh; the run's settings come from its run.json."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft export", cli_implicit_flags=False, extra="forbid")
+
+    run_dir: str = Field(description="The run directory: save_directory/model_name.")
+    step: int | None = Field(None, ge=0, description="Checkpoint step (default: the latest).")
+    output_dir: str | None = Field(None, description="Where to write (default: run_dir/export-step-N).")
+    export_dtype: DType | None = Field(None, description="Weights' dtype (default: the run's export_dtype).")
+
+
 def accept_bare_bool_flags(argv: list[str]) -> list[str]:
     """The seed mixes `--packing True` with bare `--do_last_save`; give bare ones `true`."""
     bools = {f"--{name}" for name, field in SFTCommand.model_fields.items() if field.annotation is bool}
@@ -54,7 +68,8 @@ def accept_bare_bool_flags(argv: list[str]) -> list[str]:
 
 def _one_line_errors(prog: str, run) -> int:
     """Bad config: the pydantic report, exit 2; bad model or data: one line, exit 2;
-    a failed training: one line, exit 1."""
+    a failed training or export: one line, exit 1."""
+    from raysft.orchestrator.export import ExportFailed
     from raysft.orchestrator.trainer import TrainingFailed
 
     try:
@@ -65,12 +80,12 @@ def _one_line_errors(prog: str, run) -> int:
     except ValueError as err:  # bad model or data: already one line naming what is wrong
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    except TrainingFailed as err:
-        print(f"{prog}: training failed: {err}", file=sys.stderr)
+    except (TrainingFailed, ExportFailed) as err:
+        print(f"{prog}: failed: {err}", file=sys.stderr)
         return 1
 
 
-def _trainer(command: SFTCommand, quiet: bool = False):
+def _trainer(command: SFTCommand):
     from raysft.orchestrator.trainer import SFTTrainer
 
     return SFTTrainer(
@@ -78,7 +93,7 @@ def _trainer(command: SFTCommand, quiet: bool = False):
         model=command.repo_id,
         train_dataset=command.dataset_name,
         eval_dataset=command.eval_dataset_name,
-        quiet=quiet,
+        quiet=command.quiet,
     )
 
 
@@ -108,14 +123,26 @@ def run_preprocess(argv: list[str]) -> int:
     return _one_line_errors("raysft preprocess", run)
 
 
-COMMANDS = {"sft": run_sft, "preprocess": run_preprocess}
+def run_export(argv: list[str]) -> int:
+    def run() -> int:
+        from raysft.orchestrator.export import export_checkpoint
+
+        command = CliApp.run(ExportCommand, cli_args=argv)
+        print(f"exported: {export_checkpoint(command.run_dir, command.step, command.output_dir, command.export_dtype)}")
+        return 0
+
+    return _one_line_errors("raysft export", run)
+
+
+COMMANDS = {"sft": run_sft, "preprocess": run_preprocess, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]",
+            "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]\n"
+            "       raysft export [--help] --run_dir DIR [--step N] [--output_dir DIR] [--export_dtype bfloat16]",
             file=sys.stderr,
         )
         return 2

@@ -15,7 +15,9 @@ class ProgressReporter:
     """Drains worker metrics in a background thread into a progress bar and log lines."""
 
     def __init__(self, quiet: bool = False, sinks=()):
-        """`sinks`: objects with `log(record)` that see every record too (wandb)."""
+        """`quiet`: for logs (`ray job logs`): no bar and no line per step; starts, evals,
+        epochs, warnings and restarts are still printed.
+        `sinks`: objects with `log(record)` that see every record too (wandb)."""
         # On the driver's node: a queue on a worker node would die with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
@@ -58,13 +60,12 @@ class ProgressReporter:
             self._take(record)
 
     def _show(self, record: dict) -> None:
-        if self.quiet:
-            return
         event = record["event"]
         if event == "start":
             if self._bar is not None:  # a restarted attempt
                 self._bar.close()
-            self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step")
+            if not self.quiet:
+                self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step")
             resumed = f"resumed at step {record['start_step']}" if record["start_step"] else "from step 0"
             eval_part = f", eval loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""
             tqdm.write(f"training {resumed} of {record['total_steps']}{eval_part}")

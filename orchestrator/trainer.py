@@ -17,7 +17,9 @@ from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.progress import ProgressReporter
 from raysft.orchestrator.report import write_report
 from raysft.orchestrator.restarts import RestartBudget, classify
+from raysft.orchestrator.run_record import RunRecord
 from raysft.orchestrator.tracking import WandbTracker
+from raysft.orchestrator.worker_group import worker_group
 from raysft.workers.models.auto import CausalLM, resolve_model_dir
 from raysft.workers.spec import TrainSpec
 from raysft.workers.train_loop import train_loop_per_worker
@@ -52,7 +54,8 @@ class SFTTrainer:
         """`model`: a Hugging Face directory, a `.gguf` file, a hub id, or a loaded `CausalLM`
         (whose weights the workers reload from its directory, each host only its shards).
         `processing_class`: the tokenizer (default: the model directory's).
-        `formatting_func(row) -> str`: the text to train on, for rows of any shape."""
+        `formatting_func(row) -> str`: the text to train on, for rows of any shape.
+        `quiet`: for logs: no progress bar or per-step lines (evals, epochs, restarts stay)."""
         if isinstance(model, CausalLM):
             # `from_pretrained(..., dtype=jnp.bfloat16)` means training in bf16, as in the
             # seed's examples, unless the config says otherwise.
@@ -68,13 +71,15 @@ class SFTTrainer:
         self.formatting_func = formatting_func
         self.quiet = quiet
 
-    def _save_tokenizer(self, out_dir: Path) -> Path:
-        tokenizer = self.tokenizer
-        if tokenizer is None:
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        tokenizer.save_pretrained(out_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self.tokenizer
+
+    def _save_tokenizer(self, out_dir: Path) -> Path:
+        self._load_tokenizer().save_pretrained(out_dir)
         return out_dir
 
     def prepare_data(self):
@@ -109,18 +114,36 @@ class SFTTrainer:
                 num_proc=args.dataset_num_proc,
                 formatting_func=self.formatting_func,
                 hub_options=dict(split=args.dataset_split, data_dir=args.data_dir, kwargs=args.dataset_kwargs),
-                report=None if self.quiet else print,
+                report=print,
             )
 
         train_store = prepare(self.train_dataset, args.packing)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
         eval_store = prepare(self.eval_dataset, eval_packing) if self.eval_dataset is not None else None
+        for store in (train_store, eval_store):
+            if store is not None:
+                self._check_vocabulary(store)
         return tokenizer_dir, train_store, eval_store
+
+    def _check_vocabulary(self, store) -> None:
+        """A token id past the embedding table would train on NaN (JAX fills out-of-range
+        gathers); say so before any worker starts."""
+        from raysft.workers.models.config import read_hf_config
+
+        vocab_size = read_hf_config(self.model_dir / "config.json")["vocab_size"]
+        max_id = store.meta.get("max_token_id", -1)
+        if max_id >= vocab_size:
+            raise ValueError(
+                f"{store.meta['source']}: token id {max_id} is past the model's vocabulary ({vocab_size} tokens in "
+                f"{self.model_dir / 'config.json'}); the tokenizer ({len(self._load_tokenizer())} tokens) has tokens "
+                "the model has no embeddings for: use the model's own tokenizer or resize its embeddings"
+            )
 
     def train(self) -> TrainOutput:
         args = self.args
         run_dir = args.run_dir
         tokenizer_dir, train_store, eval_store = self.prepare_data()
+        RunRecord(self.model_dir, args).write(run_dir)
 
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
@@ -161,7 +184,7 @@ class SFTTrainer:
         budget = RestartBudget(self.args.max_restarts, self.args.max_preemption_restarts)
         while True:
             try:
-                self._attempt(spec, run_dir).fit()
+                worker_group(self.args, train_loop_per_worker, spec.as_dict(), run_dir, "train").fit()
                 return
             except TrainingFailedError as err:
                 failure = classify(err)
@@ -172,37 +195,3 @@ class SFTTrainer:
                     {"event": "restart", "time": time.time(), "kind": failure.kind, "cause": failure.message,
                      "message": f"{budget.describe(failure)} after {failure.message}; resuming from the latest checkpoint"}
                 )
-
-    def _attempt(self, spec: TrainSpec, run_dir: Path):
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.v2.jax import JaxTrainer
-
-        args = self.args
-        tpu = args.tpu_slice
-        if tpu is not None:
-            scaling = ScalingConfig(
-                num_workers=tpu.num_workers,
-                use_tpu=True,
-                topology=tpu.topology,
-                accelerator_type=tpu.accelerator_type,
-                resources_per_worker={**tpu.resources_per_worker, **(args.worker_resources or {})},
-            )
-        else:
-            gpu = args.backend == "gpu"
-            default = {"GPU": 1} if gpu else {"CPU": 1}
-            scaling = ScalingConfig(
-                num_workers=args.num_hosts, use_gpu=gpu, resources_per_worker=args.worker_resources or default
-            )
-        env = {"JAX_PLATFORMS": "cpu"} if args.backend == "cpu" else {}
-        return JaxTrainer(
-            train_loop_per_worker,
-            train_loop_config=spec.as_dict(),
-            scaling_config=scaling,
-            run_config=RunConfig(
-                name="train",
-                storage_path=str(run_dir / "ray"),
-                # Ray restarts nothing itself: `_fit` decides, by the kind of failure.
-                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
-                worker_runtime_env={"env_vars": env},
-            ),
-        )

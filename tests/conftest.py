@@ -140,6 +140,18 @@ def chat_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, chat_tokenizer_dirs) -> Path:
+    """A tiny model with the ChatML tokenizer (and embeddings for its chat tokens)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_llama")
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dirs["chatml"])
+    save_tiny_model(out, len(tokenizer))
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 from pydantic_settings import CliApp
 
 from raysft.orchestrator.cli import SFTCommand, accept_bare_bool_flags, main
+from conftest import CORPUS, write_jsonl
 
 
 def _parse(argv):
@@ -38,24 +42,105 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"raysft sft: model directory not found: {missing}\n"
 
 
-def test_preprocess_shows_masks_and_stats_without_training(local_ray, tmp_path, capsys, tiny_model_dir, chat_tokenizer_dirs):
-    import json
-    import shutil
-
-    # The tiny model with the ChatML tokenizer, so message rows render.
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
-    for file in chat_tokenizer_dirs["chatml"].iterdir():
-        shutil.copy2(file, model_dir / file.name)
-    data = tmp_path / "chat.jsonl"
+def test_preprocess_shows_masks_and_stats_without_training(local_ray, tmp_path, capsys, chat_model_dir):
     rows = [{"messages": [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "on the mat"}]}] * 4
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"save_directory: {tmp_path / 'runs'}\nmax_sequence_length: 64\npacking: true\n")
 
-    code = main(["preprocess", "--config", str(yaml_file), "--repo_id", str(model_dir), "--dataset_name", str(data), "--show", "2"])
+    code = main(["preprocess", "--config", str(yaml_file), "--repo_id", str(chat_model_dir), "--dataset_name", str(data), "--show", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "4 rows read, 4 documents kept, dropped: none" in out
     assert out.count("<|im_start|>user\nthe cat?<|im_end|>\n<|im_start|>assistant\n[[on the mat<|im_end|>\n]]") == 2
     assert not (tmp_path / "runs" / "raysft" / "checkpoints").exists()
+
+
+def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys, monkeypatch, chat_model_dir):
+    """The seed's command line, flag for flag (local paths for the hub ids, smaller sizes,
+    wandb offline), then `raysft export` of its checkpoints."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM as TorchAutoModel
+
+    import raysft as rs
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    chats = [
+        {"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}
+        for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])
+    ]
+    data = write_jsonl(tmp_path / "capybara.jsonl", chats * 4)
+    seed_flags = (
+        f"--repo_id {chat_model_dir} --dataset_name {data} --dataset_split train --dataset_text_field messages "
+        "--attn_mechanism vanilla --max_sequence_length 128 --packing True --total_batch_size 4 "
+        "--learning_rate 2e-3 --learning_rate_end 5e-4 --num_train_epochs 2 --do_last_save --save_steps 2 --use_wandb"
+    ).split()
+    ours = ["--model_name", "seed_cli", "--save_directory", str(tmp_path / "runs"), "--num_hosts", "2", "--log_steps", "1"]
+    assert main(["sft", *seed_flags, *ours]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "seed_cli"
+    assert f"exported: {run_dir / 'export'}" in out
+    assert "24 rows read, 24 documents kept, dropped: none" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["final_step"]
+    assert final >= 4 and out.count("epoch 2 done") == 1
+    assert out.count(f"wandb: no API key found; logging offline under {run_dir / 'wandb'}") == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[0] == 2 and saved[-1] == final
+
+    # The last checkpoint exports to exactly the weights training exported.
+    assert main(["export", "--run_dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"exported: {run_dir / f'export-step-{final}'}")
+    trained = load_file(run_dir / "export" / "model.safetensors")
+    exported = load_file(run_dir / f"export-step-{final}" / "model.safetensors")
+    assert trained.keys() == exported.keys()
+    for name in trained:
+        np.testing.assert_array_equal(exported[name], trained[name], err_msg=name)
+
+    # An earlier step, in bf16, elsewhere: transformers loads it and computes what ours does.
+    early = tmp_path / "early"
+    assert main(["export", "--run_dir", str(run_dir), "--step", "2", "--export_dtype", "bfloat16", "--output_dir", str(early)]) == 0
+    assert load_file(early / "model.safetensors")["model.norm.weight"].dtype.name == "bfloat16"
+    ids = np.array([list(range(3, 40))])
+    reference = TorchAutoModel.from_pretrained(early, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = reference(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(rs.AutoModelForCausalLM.from_pretrained(early)(ids)), ref_logits, atol=1e-4, rtol=0)
+    final_logits = np.asarray(rs.AutoModelForCausalLM.from_pretrained(run_dir / "export")(ids))
+    assert np.abs(final_logits - ref_logits).max() > 1e-2, "step 2 and the last step must differ"
+    assert (early / "tokenizer_config.json").is_file() and (early / "generation_config.json").is_file()
+
+    # Wrong steps and directories: one line each, before any worker starts.
+    capsys.readouterr()
+    assert main(["export", "--run_dir", str(run_dir), "--step", "3"]) == 2
+    assert capsys.readouterr().err == (
+        f"raysft export: {run_dir / 'checkpoints'} has no step 3; complete steps: {', '.join(map(str, saved))}\n"
+    )
+    assert main(["export", "--run_dir", str(tmp_path)]) == 2
+    assert "is not a raysft run directory: no run.json" in capsys.readouterr().err
+
+
+def test_quiet_progress_keeps_the_lines_logs_need(local_ray, capsys):
+    from raysft.orchestrator.progress import ProgressReporter
+
+    step = {"event": "step", "step": 1, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0, "token_accuracy": 0.1,
+            "tokens_per_second": 100.0, "step_time_s": 0.1, "padding_fraction": 0.0, "mfu": 0.1}
+    records = [
+        {"event": "start", "start_step": 0, "total_steps": 2, "eval_loss": None},
+        step,
+        {"event": "epoch", "epoch": 1, "step": 1, "loss": 2.0},
+        {"event": "restart", "message": "restart 1/3 (failure) after rank 1: ActorDiedError"},
+    ]
+    for quiet in (False, True):
+        with ProgressReporter(quiet=quiet) as progress:
+            for record in records:
+                progress.note(record)
+        out = capsys.readouterr()
+        assert "epoch 1 done at step 1: loss 2.0000" in out.out
+        assert "restart: restart 1/3 (failure) after rank 1" in out.out
+        assert ("step     1  loss 2.0000" in out.out) is not quiet
+        assert ("train:" in out.err) is not quiet  # the tqdm bar

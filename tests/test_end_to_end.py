@@ -114,6 +114,24 @@ def test_missing_text_field_lists_columns(local_ray, tmp_path, tiny_model_dir, d
     assert message.endswith("available columns: text, id")
 
 
+def test_tokens_past_the_vocabulary_stop_before_training(local_ray, tmp_path, tiny_model_dir, chat_tokenizer_dirs):
+    # The chat tokenizer adds two tokens the tiny model has no embeddings for.
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dirs["chatml"])
+    chats = [{"messages": [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "on the mat"}]}] * 8
+    trainer = rs.SFTTrainer(
+        arguments=_config(tmp_path), model=tiny_model_dir, processing_class=tokenizer,
+        train_dataset=write_jsonl(tmp_path / "chats.jsonl", chats),
+    )
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    assert str(err.value).startswith(
+        f"{tmp_path / 'chats.jsonl'}: token id {len(tokenizer) - 1} is past the model's vocabulary ({vocab} tokens in "
+        f"{tiny_model_dir / 'config.json'}); the tokenizer ({len(tokenizer)} tokens) has tokens"
+    )
+    assert not (tmp_path / "runs" / "e2e" / "checkpoints").exists()
+
+
 def test_missing_model_directory_is_named(tmp_path, datasets_dir):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match=f"^model directory not found: {missing}$"):

@@ -102,6 +102,20 @@ class Checkpoints:
         )
         return restored.state["params"], restored.state["opt_state"], meta
 
+    def restore_params(self, step: int, abstract_params) -> Any:
+        """Only the parameters of `step` (an export needs no optimizer state, which is
+        twice their size under AdamW)."""
+        target = {"params": abstract_params}
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                )
+            ),
+        )
+        return restored.state["params"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

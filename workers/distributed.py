@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import ray.train
 from ray.train.collective import broadcast_from_rank_zero
+
+from raysft.workers.spec import TrainSpec
+from raysft.workers.watchdog import Watchdog
 
 
 def _free_port() -> int:
@@ -30,3 +34,13 @@ def init_jax_distributed(backend: str, cpu_devices_per_host: int, timeout_s: flo
     address = f"{ray.util.get_node_ip_address()}:{_free_port()}" if rank == 0 else None
     address = broadcast_from_rank_zero(address)
     jax.distributed.initialize(address, num_processes=world, process_id=rank, initialization_timeout=int(timeout_s))
+
+
+def join_worker_group(spec: TrainSpec) -> Watchdog:
+    """What every worker does first: start its watchdog, then join `jax.distributed`."""
+    # orbax logs every save phase through absl at INFO; keep the driver's console readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    watchdog = Watchdog(spec.startup_timeout_s, spec.step_timeout_s, ray.train.get_context().get_world_rank())
+    watchdog.progress("joining jax.distributed")
+    init_jax_distributed(spec.backend, spec.cpu_devices_per_host, spec.startup_timeout_s)
+    return watchdog

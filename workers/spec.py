@@ -24,11 +24,11 @@ _TRAJECTORY_FIELDS = (
 class TrainSpec:
     model_dir: str
     tokenizer_dir: str
-    train_store: str
+    train_store: str | None  # None (and summary_file) where a worker only exports
     eval_store: str | None
     checkpoint_dir: str
     export_dir: str
-    summary_file: str
+    summary_file: str | None
     backend: str  # cpu | gpu | tpu
     cpu_devices_per_host: int
     sharding_axis_dims: tuple[int, int, int, int]

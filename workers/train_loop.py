@@ -4,50 +4,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
 
-import ray.train
-
-from raysft.workers.distributed import init_jax_distributed
+from raysft.workers.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
-from raysft.workers.watchdog import Watchdog
+
 
 def train_loop_per_worker(spec_fields: dict) -> None:
     spec = TrainSpec(**spec_fields)
-    # orbax logs every save phase through absl at INFO; keep the driver's console readable.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    watchdog = Watchdog(spec.startup_timeout_s, spec.step_timeout_s, ray.train.get_context().get_world_rank())
-    watchdog.progress("joining jax.distributed")
-    init_jax_distributed(spec.backend, spec.cpu_devices_per_host, spec.startup_timeout_s)
+    watchdog = join_worker_group(spec)
     # JAX is imported only after the distributed runtime is up (TPU hosts lock at import).
     import jax
-    import jax.numpy as jnp
 
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, SavePolicy, abstract_like, changed_settings
     from raysft.workers.flops import flops_per_token, peak_flops
-    from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings, param_sharding
-    from raysft.workers.models.auto import build_layout
-    from raysft.workers.models.config import ModelConfig, read_hf_config
-    from raysft.workers.models.export import save_pretrained, write_assets
+    from raysft.workers.mesh import batch_sharding, optimizer_state_shardings
     from raysft.workers.models.loading import load_params
-    from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
     from raysft.workers.preemption import Preempted, PreemptionNotice
+    from raysft.workers.sharded_model import ShardedModel
     from raysft.workers.step import make_eval_step, make_train_step
 
     rank0 = jax.process_index() == 0
-    mesh = global_mesh(*spec.sharding_axis_dims, num_slices=spec.num_slices)
-    model_dir = Path(spec.model_dir)
-    hf_config = read_hf_config(model_dir / "config.json")
-    runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
-    model_config = ModelConfig.from_hf_dict(hf_config)
-    layout = build_layout(model_config, jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype), runtime)
-    p_shard = {name: param_sharding(mesh, name, s.shape) for name, s in layout.shapes.items()}
+    model = ShardedModel.build(spec)
+    mesh, layout, p_shard = model.mesh, model.layout, model.shardings
     b_shard = batch_sharding(mesh)
 
     store = RowStore(spec.train_store)
@@ -67,7 +51,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     optimizer = build_optimizer(spec, total_steps)
     schedule = learning_rate_schedule(spec, total_steps)
 
-    abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p_shard[n]) for n, s in layout.shapes.items()}
+    abstract_params = model.abstract_params()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_shard = optimizer_state_shardings(abstract_opt, layout.shapes, p_shard, mesh)
 
@@ -83,7 +67,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     param_bytes_read = 0
     if start_step is None:
         start_step = 0
-        params, param_bytes_read = load_params(model_dir, layout, lambda name, shape: p_shard[name])
+        params, param_bytes_read = load_params(model.model_dir, layout, lambda name, shape: p_shard[name])
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
     else:
         params, opt_state, saved = ckpts.restore(
@@ -129,7 +113,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     eval_loss_start = eval_start and eval_start["loss"]
     publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
 
-    tokens_flops = flops_per_token(model_config, store.seq_len)
+    tokens_flops = flops_per_token(model.config, store.seq_len)
     peak, peak_source = peak_flops(jax.devices()[0])
     saves = SavePolicy(spec.save_steps, spec.save_interval_minutes, spec.log_steps)
     preemption = PreemptionNotice()
@@ -192,7 +176,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     export_dir = Path(spec.export_dir)
     watchdog.progress("exporting", spec.startup_timeout_s)
-    save_pretrained(params, hf_config, export_dir, dtype=spec.export_dtype)
+    model.export(params, export_dir, spec.export_dtype, Path(spec.tokenizer_dir))
     summary = {
         "start_step": start_step,
         "final_step": step,
@@ -205,7 +189,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "process_count": jax.process_count(),
         "mesh_devices": int(mesh.devices.size),
         "mesh_shape": dict(mesh.shape),
-        "attn_mechanism": runtime.mechanism,
+        "attn_mechanism": model.runtime.mechanism,
         "param_bytes_read_by_rank0": param_bytes_read,
         "data_fingerprint": store.fingerprint,
         "export_dir": str(export_dir),
@@ -213,7 +197,6 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "spec": {k: v for k, v in spec.as_dict().items() if k != "metrics_queue"},
     }
     if rank0:
-        write_assets(export_dir, hf_config, model_dir, tokenizer_dir=Path(spec.tokenizer_dir))
         Path(spec.summary_file).write_text(json.dumps(summary, indent=2))
     watchdog.close()
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})

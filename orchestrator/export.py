@@ -1,0 +1,72 @@
+"""Export any checkpoint of a run directory in the Hugging Face layout (`raysft export`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysft.orchestrator.cluster import connect
+from raysft.orchestrator.config import DType
+from raysft.orchestrator.restarts import classify
+from raysft.orchestrator.run_record import RunRecord
+from raysft.orchestrator.worker_group import worker_group
+from raysft.workers.export_loop import export_loop_per_worker
+from raysft.workers.spec import TrainSpec
+
+
+class ExportFailed(RuntimeError):
+    """The export workers failed; the message carries the workers' own error."""
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Complete checkpoints of a run: orbax names a step's directory only once it is committed."""
+    import orbax.checkpoint as ocp
+
+    directory = run_dir / "checkpoints"
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def export_checkpoint(
+    run_dir: str | Path,
+    step: int | None = None,
+    output_dir: str | Path | None = None,
+    export_dtype: DType | None = None,
+) -> Path:
+    """Write checkpoint `step` (default: the latest) of `run_dir` as safetensors, config,
+    generation config and tokenizer files to `output_dir` (default `run_dir/export-step-N`).
+
+    Runs on the run's own worker group (the same hosts, mesh and shardings as training),
+    so a model too large for one host exports as it trained."""
+    from ray.train import TrainingFailedError
+
+    run_dir = Path(run_dir).absolute()
+    record = RunRecord.read(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; set save_steps or do_last_save")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{run_dir / 'checkpoints'} has no step {step}; complete steps: {', '.join(map(str, steps))}")
+    output = Path(output_dir).absolute() if output_dir else run_dir / f"export-step-{step}"
+    config = record.config
+    if export_dtype:
+        config = config.model_copy(update={"export_dtype": export_dtype})
+    spec = TrainSpec.from_config(
+        config,
+        model_dir=str(record.model_dir),
+        tokenizer_dir=str(run_dir / "tokenizer"),
+        train_store=None,
+        eval_store=None,
+        checkpoint_dir=str(run_dir / "checkpoints"),
+        export_dir=str(output),
+        summary_file=None,
+    )
+    connect(config.hosts)
+    group = worker_group(config, export_loop_per_worker, {"spec": spec.as_dict(), "step": step}, run_dir, "export")
+    try:
+        group.fit()
+    except TrainingFailedError as err:
+        failure = classify(err)
+        if failure.kind == "input":
+            raise ValueError(failure.message) from err
+        raise ExportFailed(failure.message) from err
+    return output

@@ -1,0 +1,43 @@
+"""One Ray Train JAX worker group: one worker per host (CPU, GPU or whole TPU slices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from raysft.orchestrator.config import SFTConfig
+
+
+def worker_group(args: SFTConfig, loop: Callable[[dict], None], loop_config: dict[str, Any], run_dir: Path, name: str):
+    """A `JaxTrainer` that runs `loop(loop_config)` on every host once; Ray retries nothing
+    (the caller decides what a failure means)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.jax import JaxTrainer
+
+    tpu = args.tpu_slice
+    if tpu is not None:
+        scaling = ScalingConfig(
+            num_workers=tpu.num_workers,
+            use_tpu=True,
+            topology=tpu.topology,
+            accelerator_type=tpu.accelerator_type,
+            resources_per_worker={**tpu.resources_per_worker, **(args.worker_resources or {})},
+        )
+    else:
+        gpu = args.backend == "gpu"
+        default = {"GPU": 1} if gpu else {"CPU": 1}
+        scaling = ScalingConfig(
+            num_workers=args.num_hosts, use_gpu=gpu, resources_per_worker=args.worker_resources or default
+        )
+    env = {"JAX_PLATFORMS": "cpu"} if args.backend == "cpu" else {}
+    return JaxTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )

@@ -1,0 +1,27 @@
+"""The function every host runs to export one checkpoint in the Hugging Face layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysft.workers.distributed import join_worker_group
+from raysft.workers.spec import TrainSpec
+
+
+def export_loop_per_worker(config: dict) -> None:
+    """`config`: {"spec": the run's TrainSpec fields, "step": the checkpoint to export}.
+    Each host restores only its own shards of the parameters and takes part in the
+    file-by-file gather that host 0 writes, as at the end of training."""
+    spec, step = TrainSpec(**config["spec"]), config["step"]
+    watchdog = join_worker_group(spec)
+    from raysft.workers.checkpoint import Checkpoints
+    from raysft.workers.sharded_model import ShardedModel
+
+    model = ShardedModel.build(spec)
+    watchdog.progress(f"restoring checkpoint step {step}", spec.startup_timeout_s)
+    checkpoints = Checkpoints(spec.checkpoint_dir, keep=None)
+    params = checkpoints.restore_params(step, model.abstract_params())
+    checkpoints.close()
+    watchdog.progress("exporting")
+    model.export(params, Path(spec.export_dir), spec.export_dtype, Path(spec.tokenizer_dir))
+    watchdog.close()

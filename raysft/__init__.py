@@ -5,7 +5,11 @@
 """
 
 from raysft.orchestrator.config import Optimizers, Schedulers, SFTConfig
+from raysft.orchestrator.export import ExportFailed, export_checkpoint
 from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed, TrainOutput
 from raysft.workers.models.auto import AutoModelForCausalLM, CausalLM
 
-__all__ = ["AutoModelForCausalLM", "CausalLM", "Optimizers", "Schedulers", "SFTConfig", "SFTTrainer", "TrainOutput", "TrainingFailed"]
+__all__ = [
+    "AutoModelForCausalLM", "CausalLM", "ExportFailed", "Optimizers", "Schedulers", "SFTConfig", "SFTTrainer",
+    "TrainOutput", "TrainingFailed", "export_checkpoint",
+]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -56,11 +58,26 @@ def test_importing_raysft_leaves_the_jax_backend_alone():
 
 
 def test_docs_config_reference_is_generated_from_the_model():
-    from pathlib import Path
-
     from raysft.orchestrator.reference import markdown
 
     reference = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     assert reference == markdown(), "run: python -m raysft.orchestrator.reference > docs/config.md"
     for name in rs.SFTConfig.model_fields:
         assert f"| `{name}` |" in reference
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_name_their_own_command(path):
+    import yaml
+
+    text = path.read_text()
+    if yaml.safe_load(text).get("kind") == "RayCluster":  # a KubeRay manifest, checked with the TPU tests
+        return
+    cfg = rs.SFTConfig.from_yaml(path)
+    if cfg.backend == "tpu":
+        assert cfg.tpu_slice.num_workers == cfg.hosts > 1
+    if path.name != "demo.yaml":  # the header's submit command uses this very file
+        assert f"raysft sft --config examples/{path.name}" in text

@@ -3,6 +3,9 @@ the trained tokens of every example, decoded, are exactly the text that should b
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -234,3 +237,31 @@ def test_bad_rows_name_row_and_field(row, fmt, message, reason):
 )
 def test_format_detection(columns, fmt):
     assert detect_format(columns, "text", "auto", "d") == fmt
+
+
+FORMAT_EXAMPLES = Path(__file__).parent.parent / "examples" / "data" / "formats"
+# What the README's example file of each format trains, row by row (ChatML template).
+EXAMPLE_TRAINED_TEXT = {
+    "instruction": [["25 °C is 77 °F.</s>"], ["Paris.</s>"]],
+    "prompt_completion": [[" 100 centimetres.</s>"], ["144.<|im_end|>\n"]],
+    "messages": [["1000 grams.<|im_end|>\n"], ["I will check.<|im_end|>\n", "It is 18 °C and sunny in Paris.<|im_end|>\n"]],
+    "sharegpt": [["5280 feet.<|im_end|>\n"], ["tac<|im_end|>\n"]],
+}
+
+
+@pytest.mark.parametrize("path", sorted(FORMAT_EXAMPLES.glob("*.jsonl")), ids=lambda p: p.stem)
+def test_each_format_example_file_is_detected_and_trains_what_the_readme_says(path, chat_tokenizers):
+    tok = chat_tokenizers["chatml"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    fmt = detect_format(sorted(set().union(*rows)), "text", "auto", str(path))
+    assert fmt == path.stem
+    for i, row in enumerate(rows):
+        (ids, weights), = encode(tok, row, fmt).pieces
+        if fmt == "text":
+            assert tok.decode(ids) == row["text"] + "</s>" and weights[1:].all() and not weights[0]
+        elif fmt == "tokenized":
+            labels = np.array(row.get("labels", row["input_ids"]))
+            np.testing.assert_array_equal(ids, row["input_ids"])
+            np.testing.assert_array_equal(weights[1:] > 0, labels[1:] != -100)
+        else:
+            assert trained_runs(tok, ids, weights) == EXAMPLE_TRAINED_TEXT[fmt][i]

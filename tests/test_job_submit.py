@@ -25,7 +25,10 @@ def head_node(tmp_path, monkeypatch):
     localhost-only cluster, in the head and in every client here."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     port, dashboard = _free_port(), _free_port()
-    temp_dir = Path("/tmp") / f"raysft-job-{os.getpid()}"
+    # Ray's temp dir under a base of its own: clients with RAY_TMPDIR=base find this head
+    # as they would find a `ray start` cluster in /tmp/ray.
+    base = Path("/tmp") / f"raysft-job-{os.getpid()}"
+    temp_dir = base / "ray"
     head = subprocess.Popen(
         RAY + ["start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--include-dashboard=true",
@@ -49,12 +52,25 @@ def head_node(tmp_path, monkeypatch):
                 os.killpg(head.pid, signal.SIGKILL)
                 raise RuntimeError(f"ray start --head did not come up:\n{head.stdout.read()[-3000:]}")
             time.sleep(1)
-    yield address
+    yield address, base, port
     os.killpg(head.pid, signal.SIGTERM)  # `--block` stops the node's processes when ended
     head.wait(timeout=120)
 
 
+def test_driver_joins_a_ray_start_cluster_on_this_machine(head_node):
+    _, base, port = head_node
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(base)}
+    script = (
+        "import ray; from raysft.orchestrator.cluster import connect; connect(num_hosts=2); "
+        "print('gcs', ray.get_runtime_context().gcs_address)"
+    )
+    joined = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert f"gcs 127.0.0.1:{port}" in joined.stdout
+
+
 def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
+    head_node, _, _ = head_node
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(32)])
     runs = tmp_path / "runs"
     command = (

@@ -1,9 +1,11 @@
 """`ray job submit` against a real Ray cluster started with `ray start --head` on
-127.0.0.1: the run is submitted as a job, succeeds, and leaves its checkpoint and export."""
+127.0.0.1: the run is submitted as a job with a checkout as its working dir, succeeds,
+and leaves its checkpoint and export; a driver on that machine joins that cluster."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,15 +48,20 @@ def head_node(tmp_path, monkeypatch):
     while True:
         try:
             JobSubmissionClient(address).list_jobs()
-            break
+            # Written once the node is fully up, which can be after the dashboard answers.
+            up = (temp_dir / "ray_current_cluster").is_file()
         except Exception:
-            if head.poll() is not None or time.monotonic() > deadline:
-                os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError(f"ray start --head did not come up:\n{head.stdout.read()[-3000:]}")
-            time.sleep(1)
+            up = False
+        if up:
+            break
+        if head.poll() is not None or time.monotonic() > deadline:
+            os.killpg(head.pid, signal.SIGKILL)
+            raise RuntimeError(f"ray start --head did not come up:\n{head.stdout.read()[-3000:]}")
+        time.sleep(1)
     yield address, base, port
     os.killpg(head.pid, signal.SIGTERM)  # `--block` stops the node's processes when ended
     head.wait(timeout=120)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_driver_joins_a_ray_start_cluster_on_this_machine(head_node):
@@ -66,15 +73,22 @@ def test_driver_joins_a_ray_start_cluster_on_this_machine(head_node):
     )
     joined = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert joined.returncode == 0, joined.stderr[-3000:]
-    assert f"gcs 127.0.0.1:{port}" in joined.stdout
+    assert joined.stdout.split()[-1].endswith(f":{port}"), joined.stderr[-3000:]  # the head's GCS, by whichever IP it reports
+    assert "Connected to Ray cluster" in joined.stderr
 
 
 def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
     head_node, _, _ = head_node
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(32)])
     runs = tmp_path / "runs"
+    # The job ships this checkout as its working dir (`--working-dir .` in the README).
+    checkout = tmp_path / "checkout"
+    root = Path(__file__).parents[1]
+    for name in ("raysft", "orchestrator", "workers", "data"):
+        shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(root / "pyproject.toml", checkout)
     command = (
-        RAY + ["job", "submit", "--address", head_node, "--submission-id", "raysft-test", "--",
+        RAY + ["job", "submit", "--address", head_node, "--submission-id", "raysft-test", "--working-dir", str(checkout), "--",
                sys.executable, "-m", "raysft.orchestrator.sft", "--repo_id", str(tiny_model_dir),
                "--dataset_name", str(data), "--save_directory", str(runs), "--model_name", "job",
                "--max_sequence_length", "64", "--total_batch_size", "8", "--num_hosts", "2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from pydantic_settings import CliApp
@@ -72,13 +73,16 @@ def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys
         {"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}
         for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])
     ]
-    data = write_jsonl(tmp_path / "capybara.jsonl", chats * 4)
+    write_jsonl(tmp_path / "capybara.jsonl", chats * 4)
+    # Paths relative to where the user stands; Ray's workers run elsewhere.
+    monkeypatch.chdir(tmp_path)
+    model = os.path.relpath(chat_model_dir, tmp_path)
     seed_flags = (
-        f"--repo_id {chat_model_dir} --dataset_name {data} --dataset_split train --dataset_text_field messages "
+        f"--repo_id {model} --dataset_name capybara.jsonl --dataset_split train --dataset_text_field messages "
         "--attn_mechanism vanilla --max_sequence_length 128 --packing True --total_batch_size 4 "
         "--learning_rate 2e-3 --learning_rate_end 5e-4 --num_train_epochs 2 --do_last_save --save_steps 2 --use_wandb"
     ).split()
-    ours = ["--model_name", "seed_cli", "--save_directory", str(tmp_path / "runs"), "--num_hosts", "2", "--log_steps", "1"]
+    ours = ["--model_name", "seed_cli", "--save_directory", "runs", "--num_hosts", "2", "--log_steps", "1"]
     assert main(["sft", *seed_flags, *ours]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "seed_cli"

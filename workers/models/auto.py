@@ -28,8 +28,9 @@ def _looks_like_repo_id(name: str) -> bool:
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """Local Hugging Face directory for a directory, a `.gguf` file or a hub repo id."""
-    path = Path(name_or_path).expanduser()
+    """Local Hugging Face directory for a directory, a `.gguf` file or a hub repo id;
+    absolute, since workers run in other directories than the driver."""
+    path = Path(name_or_path).expanduser().absolute()
     if path.suffix == ".gguf":
         return convert_gguf(path)
     if path.is_dir():

@@ -70,7 +70,10 @@ def prepare_dataset(
     ).hexdigest()[:20]
     store_dir = store_root / fingerprint
     if RowStore.exists(store_dir):  # checked before reading: a resumed run parses nothing
-        return RowStore(store_dir)
+        store = RowStore(store_dir)
+        if report:
+            report(f"{format_stats(store.meta)} (prepared before: {store_dir})")
+        return store
 
     context = ray.data.DataContext.get_current()
     # Same documents in the same order on every run: the packing plan depends on it.

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 from conftest import write_jsonl
-from raysft.data.prepare import prepare_dataset
+from raysft.data.prepare import format_stats, prepare_dataset
 from raysft.data.rows import best_fit_decreasing, build_rows, wrapped_rows
 from raysft.data.settings import DataSettings
 from raysft.data.store import RowStore
@@ -47,8 +47,11 @@ def test_prepared_store_is_deterministic_and_reused(local_ray, tmp_path, tokeniz
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat " * (i % 5 + 1)} for i in range(40)])
     settings = DataSettings(seq_len=32, packing=True)
     store = prepare_dataset(path, tokenizer_dir, settings, tmp_path / "store")
-    again = prepare_dataset(path, tokenizer_dir, settings, tmp_path / "store")
+    lines = []
+    again = prepare_dataset(path, tokenizer_dir, settings, tmp_path / "store", report=lines.append)
     assert again.path == store.path
+    assert lines == [f"{format_stats(store.meta)} (prepared before: {store.path})"]  # said, not silent
+    assert lines[0].startswith(f"data {path} (text): 40 rows read, 40 documents kept")
     assert store.meta["documents"] == 40
 
     steps = store.steps_per_epoch(4)

@@ -83,6 +83,8 @@ class ProgressReporter:
                 f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
                 f"token accuracy {record['token_accuracy']:.3f}"
             )
+        elif event == "first_step":
+            tqdm.write(f"step {record['step']} (compilation included) took {record['seconds']:.1f} s")
         elif event == "epoch":
             tqdm.write(f"epoch {record['epoch']} done at step {record['step']}: loss {record['loss']:.4f}")
         elif event in ("warning", "restart"):

@@ -66,6 +66,8 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
         assert record["tokens_per_second"] > 0 and record["step_time_s"] > 0 and 0 < record["mfu"] < 1
         assert 0 <= record["padding_fraction"] < 1 and record["supervised_tokens"] > 0
         assert record["mfu_peak"] == "cpu matmul probe (achieved, not peak)"
+    # Compilation is timed on its own, once per attempt, and kept out of tokens/s.
+    assert [r["step"] for r in first.metrics if r["event"] == "first_step"] == [1]
     evals = [r for r in first.metrics if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]  # eval_steps=2, and the end
     assert evals[-1]["perplexity"] == pytest.approx(np.exp(evals[-1]["loss"]))
@@ -78,6 +80,7 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     ).train()
     assert (second.summary["start_step"], second.summary["final_step"]) == (4, 6)
     assert [r["step"] for r in second.metrics if r["event"] == "step"] == [5, 6]
+    assert [r["step"] for r in second.metrics if r["event"] == "first_step"] == [5]
 
     # transformers loads the export and computes what our model computes from it.
     ids = np.array([tokenizer(CORPUS[0])["input_ids"] + tokenizer(CORPUS[1])["input_ids"]])[:, :48]

@@ -5,13 +5,16 @@ pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from raysft.orchestrator.config import DType, SFTConfig
 
-_LAUNCH_FIELDS = {"config", "repo_id", "dataset_name", "eval_dataset_name", "quiet", "show"}
+# What to run on, and how to show it: flags, or keys of the --config file; not SFTConfig fields.
+_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "show")
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -21,17 +24,31 @@ class SFTCommand(BaseSettings, SFTConfig):
         cli_prog_name="raysft sft", cli_implicit_flags=False, extra="forbid", frozen=True
     )
 
-    config: str | None = Field(None, description="YAML file of SFTConfig fields; flags override it.")
-    repo_id: str = Field(description="Model: a Hugging Face directory, a .gguf file or a hub repo id.")
-    dataset_name: str = Field(description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset.")
+    config: str | None = Field(
+        None, description="YAML file of SFTConfig fields (and repo_id, dataset_name, ...); flags override it."
+    )
+    repo_id: str | None = Field(
+        None, description="Model: a Hugging Face directory, a .gguf file or a hub repo id (required, here or in --config)."
+    )
+    dataset_name: str | None = Field(
+        None, description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset (required, here or in --config)."
+    )
     eval_dataset_name: str | None = Field(None, description="Held-out data, evaluated before and after.")
     quiet: bool = Field(False, description="For logs: no progress bar or per-step lines; evals, epochs, restarts still shown.")
 
-    def sft_config(self) -> SFTConfig:
-        flags = {name: getattr(self, name) for name in self.model_fields_set - _LAUNCH_FIELDS}
+    def resolve(self) -> tuple[SFTConfig, dict]:
+        """(the run's SFTConfig, the launch values): the --config file, then the flags over it."""
+        values = {}
         if self.config:
-            return SFTConfig.from_yaml(self.config, **flags)
-        return SFTConfig(**flags)
+            values = yaml.safe_load(Path(self.config).read_text()) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{self.config}: expected a mapping of config fields")
+        values.update({name: getattr(self, name) for name in self.model_fields_set - {"config"}})
+        launch = {name: values.pop(name, getattr(self, name)) for name in _LAUNCH_FIELDS if name in type(self).model_fields}
+        for name in ("repo_id", "dataset_name"):
+            if not launch[name]:
+                raise ValueError(f"--{name} is required (a flag, or a key of the --config file)")
+        return SFTConfig(**values), launch
 
 
 class PreprocessCommand(SFTCommand):
@@ -85,22 +102,22 @@ def _one_line_errors(prog: str, run) -> int:
         return 1
 
 
-def _trainer(command: SFTCommand):
+def _trainer(config: SFTConfig, launch: dict):
     from raysft.orchestrator.trainer import SFTTrainer
 
     return SFTTrainer(
-        arguments=command.sft_config(),
-        model=command.repo_id,
-        train_dataset=command.dataset_name,
-        eval_dataset=command.eval_dataset_name,
-        quiet=command.quiet,
+        arguments=config,
+        model=launch["repo_id"],
+        train_dataset=launch["dataset_name"],
+        eval_dataset=launch["eval_dataset_name"],
+        quiet=launch["quiet"],
     )
 
 
 def run_sft(argv: list[str]) -> int:
     def run() -> int:
-        command = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv))
-        print(f"exported: {_trainer(command).train().export_dir}")
+        config, launch = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
+        print(f"exported: {_trainer(config, launch).train().export_dir}")
         return 0
 
     return _one_line_errors("raysft sft", run)
@@ -112,11 +129,11 @@ def run_preprocess(argv: list[str]) -> int:
 
         from raysft.data.show import show_rows
 
-        command = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv))
-        tokenizer_dir, train_store, _ = _trainer(command).prepare_data()
-        if command.show:
-            print(f"\n{command.show} prepared examples; trained tokens are inside [[ ]]:")
-            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), command.show))
+        config, launch = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
+        tokenizer_dir, train_store, _ = _trainer(config, launch).prepare_data()
+        if launch["show"]:
+            print(f"\n{launch['show']} prepared examples; trained tokens are inside [[ ]]:")
+            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), launch["show"]))
         print(f"\nprepared rows: {train_store.path}")
         return 0
 

@@ -23,18 +23,33 @@ def test_seed_command_line_parses():
         "--total_batch_size 16 --learning_rate 2e-5 --learning_rate_end 5e-6 --num_train_epochs 3 "
         "--do_last_save --save_steps 1000 --use_wandb".split()
     )
-    cfg = command.sft_config()
-    assert command.repo_id == "meta-llama/Llama-3.1-8B-Instruct"
+    cfg, launch = command.resolve()
+    assert launch["repo_id"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert (cfg.packing, cfg.do_last_save, cfg.save_steps, cfg.learning_rate_end) == (True, True, 1000, 5e-6)
     assert (cfg.dataset_text_field, cfg.dataset_split, cfg.attn_mechanism) == ("messages", "train", "vanilla")
-    assert cfg.use_wandb and command.dataset_name == "trl-lib/Capybara"
+    assert cfg.use_wandb and launch["dataset_name"] == "trl-lib/Capybara"
 
 
 def test_flags_override_yaml(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("learning_rate: 1.0e-4\nmodel_name: from_yaml\n")
-    cfg = _parse(["--config", str(yaml_file), "--repo_id", "m", "--dataset_name", "d", "--learning_rate", "3e-4"]).sft_config()
+    cfg, _ = _parse(["--config", str(yaml_file), "--repo_id", "m", "--dataset_name", "d", "--learning_rate", "3e-4"]).resolve()
     assert (cfg.learning_rate, cfg.model_name) == (3e-4, "from_yaml")
+
+
+def test_yaml_can_name_the_model_and_data(tmp_path, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("repo_id: org/model\ndataset_name: train.jsonl\nquiet: true\nlearning_rate: 1.0e-4\n")
+    cfg, launch = _parse(["--config", str(yaml_file)]).resolve()
+    assert (launch["repo_id"], launch["dataset_name"], launch["quiet"], cfg.learning_rate) == ("org/model", "train.jsonl", True, 1e-4)
+    _, launch = _parse(["--config", str(yaml_file), "--dataset_name", "other.jsonl"]).resolve()
+    assert launch["dataset_name"] == "other.jsonl"  # flags over the file
+
+    assert main(["sft", "--dataset_name", "train.jsonl"]) == 2
+    assert capsys.readouterr().err == "raysft sft: --repo_id is required (a flag, or a key of the --config file)\n"
+    yaml_file.write_text("repo_id: org/model\nlearning_rat: 1.0e-4\n")
+    assert main(["sft", "--config", str(yaml_file), "--dataset_name", "d.jsonl"]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
 
 
 def test_missing_model_is_one_line(tmp_path, capsys):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -105,19 +107,20 @@ def prepare_dataset(
     docs_ids, docs_weights = [], []
     rows_read = truncated = dropped_turns = 0
     try:
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            for ids, weights, piece, reason, cut, turns in zip(
-                batch["input_ids"], batch["loss_weights"], batch["piece"], batch["dropped"],
-                batch["truncated_tokens"], batch["dropped_turns"],
-            ):
-                rows_read += piece == 0
-                truncated += int(cut)
-                dropped_turns += int(turns)
-                if reason:
-                    dropped[str(reason)] += 1
-                else:
-                    docs_ids.append(ids)
-                    docs_weights.append(weights)
+        with _ray_data_task_errors_unlogged():
+            for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+                for ids, weights, piece, reason, cut, turns in zip(
+                    batch["input_ids"], batch["loss_weights"], batch["piece"], batch["dropped"],
+                    batch["truncated_tokens"], batch["dropped_turns"],
+                ):
+                    rows_read += piece == 0
+                    truncated += int(cut)
+                    dropped_turns += int(turns)
+                    if reason:
+                        dropped[str(reason)] += 1
+                    else:
+                        docs_ids.append(ids)
+                        docs_weights.append(weights)
     except Exception as err:  # Ray wraps task errors; surface ours as the one-line cause
         data_error = _find_data_error(err)
         if data_error is None:
@@ -153,6 +156,27 @@ def prepare_dataset(
     if report:
         report(format_stats(stats))
     return store
+
+
+@contextlib.contextmanager
+def _ray_data_task_errors_unlogged():
+    """Ray Data logs a failed task's whole remote trace before raising its error; the
+    error still reaches the caller (a bad row as one line naming file, row and field)."""
+    loggers = [logging.getLogger(name) for name in _RAY_DATA_ERROR_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_below_error)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_below_error)
+
+
+_RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _plan_rows(docs_ids, docs_weights, settings: DataSettings) -> dict[str, np.ndarray]:

@@ -5,13 +5,11 @@ pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from raysft.orchestrator.config import DType, SFTConfig
+from raysft.orchestrator.config import DType, SFTConfig, read_yaml
 
 # What to run on, and how to show it: flags, or keys of the --config file; not SFTConfig fields.
 _LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "show")
@@ -38,11 +36,7 @@ class SFTCommand(BaseSettings, SFTConfig):
 
     def resolve(self) -> tuple[SFTConfig, dict]:
         """(the run's SFTConfig, the launch values): the --config file, then the flags over it."""
-        values = {}
-        if self.config:
-            values = yaml.safe_load(Path(self.config).read_text()) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{self.config}: expected a mapping of config fields")
+        values = read_yaml(self.config) if self.config else {}
         values.update({name: getattr(self, name) for name in self.model_fields_set - {"config"}})
         launch = {name: values.pop(name, getattr(self, name)) for name in _LAUNCH_FIELDS if name in type(self).model_fields}
         for name in ("repo_id", "dataset_name"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import enum
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysft.orchestrator.tpu import TpuSlice
+from raysft.workers.mesh import ShardingError, check_dims, resolve_dims
 
 DType = Literal["float32", "bfloat16"]
 
@@ -204,18 +204,14 @@ class SFTConfig(BaseModel):
                 )
         elif self.num_slices != 1:
             raise ValueError("num_slices > 1 needs a TPU slice: set tpu_type")
-        dims = self.sharding_axis_dims
-        if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
-            raise ValueError(f"sharding_axis_dims {dims}: sizes must be positive, with at most one -1")
+        check_dims(self.sharding_axis_dims)
         if self.backend == "cpu":  # the device count is known here: check the mesh now
-            devices = self.num_hosts * self.cpu_devices_per_host
-            known = math.prod(d for d in dims if d != -1)
-            resolved = [devices // known if d == -1 else d for d in dims]
-            if devices % known or math.prod(resolved) != devices:
+            try:
+                resolved = resolve_dims(self.sharding_axis_dims, self.num_hosts * self.cpu_devices_per_host)
+            except ShardingError as err:
                 raise ValueError(
-                    f"sharding_axis_dims {dims} (dp, fsdp, tp, sp) do not fit the {devices} devices "
-                    f"(num_hosts {self.num_hosts} x cpu_devices_per_host {self.cpu_devices_per_host})"
-                )
+                    f"{err} (num_hosts {self.num_hosts} x cpu_devices_per_host {self.cpu_devices_per_host})"
+                ) from None
             rows = resolved[0] * resolved[1] * self.gradient_accumulation_steps
             if self.total_batch_size % rows:
                 raise ValueError(
@@ -251,7 +247,19 @@ class SFTConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "SFTConfig":
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields")
-        return cls(**{**values, **overrides})
+        return cls(**{**read_yaml(path), **overrides})
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; a missing or malformed file is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        with path.open() as file:
+            values = yaml.safe_load(file) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields")
+    return values

@@ -120,24 +120,23 @@ class SFTTrainer:
         train_store = prepare(self.train_dataset, args.packing)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
         eval_store = prepare(self.eval_dataset, eval_packing) if self.eval_dataset is not None else None
-        for store in (train_store, eval_store):
-            if store is not None:
-                self._check_vocabulary(store)
+        self._check_vocabulary([store for store in (train_store, eval_store) if store is not None])
         return tokenizer_dir, train_store, eval_store
 
-    def _check_vocabulary(self, store) -> None:
+    def _check_vocabulary(self, stores) -> None:
         """A token id past the embedding table would train on NaN (JAX fills out-of-range
         gathers); say so before any worker starts."""
         from raysft.workers.models.config import read_hf_config
 
         vocab_size = read_hf_config(self.model_dir / "config.json")["vocab_size"]
-        max_id = store.meta.get("max_token_id", -1)
-        if max_id >= vocab_size:
-            raise ValueError(
-                f"{store.meta['source']}: token id {max_id} is past the model's vocabulary ({vocab_size} tokens in "
-                f"{self.model_dir / 'config.json'}); the tokenizer ({len(self._load_tokenizer())} tokens) has tokens "
-                "the model has no embeddings for: use the model's own tokenizer or resize its embeddings"
-            )
+        for store in stores:
+            max_id = store.meta.get("max_token_id", -1)
+            if max_id >= vocab_size:
+                raise ValueError(
+                    f"{store.meta['source']}: token id {max_id} is past the model's vocabulary ({vocab_size} tokens "
+                    f"in {self.model_dir / 'config.json'}); the tokenizer ({len(self._load_tokenizer())} tokens) has "
+                    "tokens the model has no embeddings for: use the model's own tokenizer or resize its embeddings"
+                )
 
     def train(self) -> TrainOutput:
         args = self.args

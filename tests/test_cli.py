@@ -58,6 +58,18 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"raysft sft: model directory not found: {missing}\n"
 
 
+def test_bad_config_files_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "absent.yaml"
+    assert main(["sft", "--config", str(missing), "--repo_id", "m", "--dataset_name", "d"]) == 2
+    assert capsys.readouterr().err == f"raysft sft: config file not found: {missing}\n"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1,\n")
+    assert main(["sft", "--config", str(broken), "--repo_id", "m", "--dataset_name", "d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raysft sft: {broken}: not valid YAML: ") and f'in "{broken}", line 2' in err
+    assert err.count("\n") == 1
+
+
 def test_preprocess_shows_masks_and_stats_without_training(local_ray, tmp_path, capsys, chat_model_dir):
     rows = [{"messages": [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "on the mat"}]}] * 4
     data = write_jsonl(tmp_path / "chat.jsonl", rows)

@@ -4,6 +4,7 @@ row and field (or skipped and counted with `on_bad_rows="skip"`)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -39,10 +40,25 @@ def _prepare(source, tokenizer_dir, tmp_path, **settings):
 def test_bad_input_names_file_row_and_field(local_ray, tmp_path, chat_tokenizer_dirs, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError) as err:
-        _prepare(path, chat_tokenizer_dirs["chatml"], tmp_path)
+    logged = _ErrorRecords()
+    logging.getLogger("ray.data").addHandler(logged)
+    try:
+        with pytest.raises(DataError) as err:
+            _prepare(path, chat_tokenizer_dirs["chatml"], tmp_path)
+    finally:
+        logging.getLogger("ray.data").removeHandler(logged)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
     assert "\n" not in str(err.value)
+    assert logged.records == []  # Ray Data's own traceback of the failed task stays off the console
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
 
 
 def test_invalid_utf8_is_named(local_ray, tmp_path, tokenizer_dir):

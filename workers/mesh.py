@@ -34,7 +34,7 @@ def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=N
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
     if len(devices) % num_slices:
         raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices")
-    dims = _resolve((dp, fsdp, tp, sp), len(devices) // num_slices)
+    dims = resolve_dims((dp, fsdp, tp, sp), len(devices) // num_slices)
     if num_slices == 1:
         return Mesh(np.array(devices).reshape(dims), AXES)
     from jax.experimental import mesh_utils
@@ -47,17 +47,19 @@ def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=N
     return Mesh(grid, AXES)
 
 
-def _resolve(dims: tuple[int, ...], count: int) -> list[int]:
+def check_dims(dims: tuple[int, ...]) -> None:
     if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
         raise ShardingError(f"sharding_axis_dims {tuple(dims)}: sizes must be positive, with at most one -1")
+
+
+def resolve_dims(dims: tuple[int, ...], count: int) -> list[int]:
+    """The (dp, fsdp, tp, sp) sizes for `count` devices, `-1` filled in; used by the
+    workers, and by SFTConfig wherever the device count is known before start-up."""
+    check_dims(dims)
     known = int(np.prod([d for d in dims if d != -1]))
-    if count % known:
-        raise ShardingError(f"sharding_axis_dims {tuple(dims)} do not divide the {count} devices")
     resolved = [count // known if d == -1 else d for d in dims]
-    if int(np.prod(resolved)) != count:
-        raise ShardingError(
-            f"sharding_axis_dims {dict(zip(AXES, resolved))} cover {int(np.prod(resolved))} devices, not the {count} there are"
-        )
+    if count % known or int(np.prod(resolved)) != count:
+        raise ShardingError(f"sharding_axis_dims {tuple(dims)} (dp, fsdp, tp, sp) do not fit the {count} devices")
     return resolved
 
 

@@ -1,10 +1,12 @@
 """`raysft sft` (also `python -m raysft.orchestrator.sft`): the seed's command line, via
 pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks;
+`raysft plan`: will the run fit its TPU slice (compiled for it, no TPU needed);
 `raysft export`: write any checkpoint of a run in the Hugging Face layout."""
 
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
@@ -12,7 +14,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from raysft.orchestrator.config import DType, SFTConfig, read_yaml
 
 # What to run on, and how to show it: flags, or keys of the --config file; not SFTConfig fields.
-_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "show")
+_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "show", "estimate", "search")
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -34,12 +36,14 @@ class SFTCommand(BaseSettings, SFTConfig):
     eval_dataset_name: str | None = Field(None, description="Held-out data, evaluated before and after.")
     quiet: bool = Field(False, description="For logs: no progress bar or per-step lines; evals, epochs, restarts still shown.")
 
+    required: ClassVar[tuple[str, ...]] = ("repo_id", "dataset_name")
+
     def resolve(self) -> tuple[SFTConfig, dict]:
         """(the run's SFTConfig, the launch values): the --config file, then the flags over it."""
         values = read_yaml(self.config) if self.config else {}
         values.update({name: getattr(self, name) for name in self.model_fields_set - {"config"}})
         launch = {name: values.pop(name, getattr(self, name)) for name in _LAUNCH_FIELDS if name in type(self).model_fields}
-        for name in ("repo_id", "dataset_name"):
+        for name in self.required:
             if not launch[name]:
                 raise ValueError(f"--{name} is required (a flag, or a key of the --config file)")
         return SFTConfig(**values), launch
@@ -52,6 +56,20 @@ class PreprocessCommand(SFTCommand):
     model_config = SettingsConfigDict(cli_prog_name="raysft preprocess")
 
     show: int = Field(3, ge=0, description="Examples to print with the trained tokens marked.")
+
+
+class PlanCommand(SFTCommand):
+    """Compile the run's train step (and eval step, with --eval_dataset_name) and export
+    for its TPU slice (--tpu_type, or --accelerator_type with --topology; --num_slices)
+    on this machine, without a TPU and without weights (the model's config.json is
+    enough): memory per chip against the chip's HBM, an estimated step time, and when
+    it does not fit the smallest change that does. Exit 1 when it does not fit."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft plan")
+    required: ClassVar[tuple[str, ...]] = ("repo_id",)
+
+    estimate: bool = Field(True, description="Also estimate the step time from the compiler's cost model (2 more compiles).")
+    search: bool = Field(True, description="When it does not fit, compile candidate changes to find the smallest that fits.")
 
 
 class ExportCommand(BaseSettings):
@@ -134,6 +152,29 @@ def run_preprocess(argv: list[str]) -> int:
     return _one_line_errors("raysft preprocess", run)
 
 
+def run_plan(argv: list[str]) -> int:
+    def run() -> int:
+        from raysft.orchestrator.plan import plan
+
+        config, launch = CliApp.run(PlanCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
+        progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        result = plan(
+            config, launch["repo_id"], evaluate=bool(launch["eval_dataset_name"]), estimate=False,
+            search=launch["search"], progress=progress,
+        )
+        print(result.report(), flush=True)  # the answer first; the estimate takes two more compiles
+        if result.fits:
+            if launch["estimate"]:
+                progress("estimating the step time (2 more compiles) ...")
+                result.add_estimate()
+                print(result.estimate_line())
+            return 0
+        print(f"raysft plan: {result.verdict()}", file=sys.stderr)
+        return 1
+
+    return _one_line_errors("raysft plan", run)
+
+
 def run_export(argv: list[str]) -> int:
     def run() -> int:
         from raysft.orchestrator.export import export_checkpoint
@@ -145,7 +186,7 @@ def run_export(argv: list[str]) -> int:
     return _one_line_errors("raysft export", run)
 
 
-COMMANDS = {"sft": run_sft, "preprocess": run_preprocess, "export": run_export}
+COMMANDS = {"sft": run_sft, "preprocess": run_preprocess, "plan": run_plan, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(
             "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]\n"
+            "       raysft plan [--help] [--config FILE.yaml] --repo_id MODEL --tpu_type v5p-16 [flags]\n"
             "       raysft export [--help] --run_dir DIR [--step N] [--output_dir DIR] [--export_dtype bfloat16]",
             file=sys.stderr,
         )

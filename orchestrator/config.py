@@ -168,6 +168,11 @@ class SFTConfig(BaseModel):
     )
     topology: str | None = Field(None, description="TPU topology with accelerator_type, e.g. 2x2x2.")
     num_slices: int = Field(1, gt=0, description="TPU slices; data parallel across slices over DCN.")
+    plan_before_training: bool = Field(
+        True,
+        description="On TPU, first compile the train step for the slice on the driver (as raysft plan does) and stop "
+        "at once if it cannot fit, before any slice is requested.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -138,9 +138,27 @@ class SFTTrainer:
                     "tokens the model has no embeddings for: use the model's own tokenizer or resize its embeddings"
                 )
 
+    def check_fits(self) -> None:
+        """On TPU: compile the train step for the slice here on the driver (seconds to a
+        minute on a CPU head) and stop if it cannot fit, before a slice is requested."""
+        from raysft.orchestrator.plan import DoesNotFit, plan
+        from raysft.orchestrator.tpu import CompilerUnavailable
+
+        args = self.args
+        try:
+            result = plan(args, self.model_dir, evaluate=False, export=False, estimate=False, search=False)
+        except CompilerUnavailable as err:
+            print(f"raysft: warning: not checking that the run fits {args.tpu_slice.tpu_type} ({err})")
+            return
+        if not result.fits:
+            raise DoesNotFit(f"{args.tpu_slice.tpu_type}: {result.verdict()}; plan_before_training=False trains anyway")
+        print(f"plan: the train step {result.verdict()} ({result.compiled.train.compile_s:.0f} s to compile here)")
+
     def train(self) -> TrainOutput:
         args = self.args
         run_dir = args.run_dir
+        if args.backend == "tpu" and args.plan_before_training:
+            self.check_fits()
         tokenizer_dir, train_store, eval_store = self.prepare_data()
         RunRecord(self.model_dir, args).write(run_dir)
 

@@ -14,10 +14,11 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "orchestrator" / "_
 
 from raysft.orchestrator.config import Optimizers, Schedulers, SFTConfig  # noqa: E402
 from raysft.orchestrator.export import ExportFailed, export_checkpoint  # noqa: E402
+from raysft.orchestrator.plan import DoesNotFit, Plan, plan  # noqa: E402
 from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed, TrainOutput  # noqa: E402
 from raysft.workers.models.auto import AutoModelForCausalLM, CausalLM  # noqa: E402
 
 __all__ = [
-    "AutoModelForCausalLM", "CausalLM", "ExportFailed", "Optimizers", "Schedulers", "SFTConfig", "SFTTrainer",
-    "TrainOutput", "TrainingFailed", "export_checkpoint",
+    "AutoModelForCausalLM", "CausalLM", "DoesNotFit", "ExportFailed", "Optimizers", "Plan", "Schedulers", "SFTConfig",
+    "SFTTrainer", "TrainOutput", "TrainingFailed", "export_checkpoint", "plan",
 ]

@@ -11,7 +11,7 @@ import pytest
 import raysft as rs
 from conftest import save_tiny_model
 from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding
-from raysft.workers.step import make_gradient_fn, make_train_step
+from raysft.workers.step import make_eval_step, make_gradient_fn, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def model(tmp_path_factory):
     return rs.AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path_factory.mktemp("m"), vocab_size=97))
 
 
-def uneven_batch(b=8, t=32, seed=0):
+def uneven_batch(b=8, t=32, seed=0, vocab=97):
     """Rows whose supervised-token counts differ wildly (1 to all), as chat masks do."""
     rng = np.random.default_rng(seed)
     weights = np.zeros((b, t), np.float32)
@@ -28,7 +28,7 @@ def uneven_batch(b=8, t=32, seed=0):
     weights[0, :] = 0.0
     weights[0, -1] = 1.0
     return {
-        "input_ids": jnp.asarray(rng.integers(0, 97, (b, t)), jnp.int32),
+        "input_ids": jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32),
         "segment_ids": jnp.ones((b, t), jnp.int32),
         "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
         "loss_weights": jnp.asarray(weights),
@@ -69,6 +69,18 @@ def test_sharded_step_matches_one_device(model, accumulation):
     single, _ = gradient(model, batch)
     sharded, _ = gradient(model, batch, accumulation, mesh=global_mesh(dp=2, fsdp=2))
     assert_same_gradients(single, sharded)
+
+
+def test_eval_in_micro_batches_gives_the_whole_batch_sums(model):
+    mesh = global_mesh(dp=2, fsdp=2)
+    rows = batch_sharding(mesh)
+    params = {n: jax.device_put(x, param_sharding(mesh, n, x.shape)) for n, x in model.params.items()}
+    batch = {k: jax.device_put(v, rows) for k, v in uneven_batch().items()}
+    whole = make_eval_step(model.layout, loss_chunk_size=8)(params, batch)
+    micro = make_eval_step(model.layout, 8, gradient_accumulation_steps=2, batch_sharding=rows)(params, batch)
+    assert set(micro) == {"loss_sum", "z_sum", "correct", "weight_sum"}
+    for key in micro:
+        assert float(micro[key]) == pytest.approx(float(whole[key]), rel=1e-6), key
 
 
 def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1)):

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -129,7 +128,3 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         if saved.get(name) != current.get(name)
     ]
 
-
-def abstract_like(tree, shardings) -> Any:
-    """ShapeDtypeStructs with shardings: where orbax should restore each array to."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

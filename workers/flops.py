@@ -8,21 +8,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from raysft.workers.chips import chip_of_device
 from raysft.workers.models.config import ModelConfig
-
-# Dense bf16 peak per chip (vendor figures).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -52,9 +39,9 @@ def _cpu_probe() -> float:
 
 def peak_flops(device) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from)."""
-    for kind, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(kind):
-            return flops, f"{kind} bf16 peak"
+    chip = chip_of_device(device)
+    if chip is not None:
+        return chip.peak_flops, f"{chip.name} bf16 peak"
     if device.platform == "cpu":
         return _cpu_probe(), "cpu matmul probe (achieved, not peak)"
     return float("nan"), f"unknown device {device.device_kind}"

@@ -2,7 +2,7 @@
 
 Axes: `dp` (replicas), `fsdp` (parameters split, batch split), `tp` (Megatron tensor
 parallelism: column-parallel q/k/v/gate/up/lm_head, row-parallel o/down), `sp` (the
-sequence of activations split).
+sequence split: activations, attention's queries, and parameters as fsdp splits them).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from raysft.workers.models.params import is_stacked
 
 AXES = ("dp", "fsdp", "tp", "sp")
 BATCH_AXES = ("dp", "fsdp")
+# What a parameter's "fsdp" dimension is split over (ZeRO-3): every axis that splits the
+# data, so sp's devices, which hold other positions of the same rows, share the weights.
+PARAM_SHARD_AXES = {"fsdp": ("fsdp", "sp")}
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 _ROW = ("o_proj", "down_proj")
 
@@ -26,25 +29,33 @@ class ShardingError(ValueError):
 def global_mesh(dp: int = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, devices=None, num_slices: int = 1) -> Mesh:
     """All devices of all processes (or `devices`); `-1` takes what the other axes leave.
 
-    With several TPU slices the dims describe one slice and `dp` is multiplied by
-    `num_slices` over the data-center network: only the gradient all-reduce crosses it.
+    On TPU the mesh follows the slice's torus (`mesh_utils.create_device_mesh`), so the
+    axes that talk most run over direct ICI links. With several TPU slices the dims
+    describe one slice and `dp` is multiplied by `num_slices` over the data-center
+    network: only the gradient all-reduce crosses it.
     """
+    from jax.experimental import mesh_utils
+
     # Process-major order keeps each host's devices contiguous on the batch axes, so a
     # host's rows are one contiguous slice of the global batch.
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
     if len(devices) % num_slices:
         raise ShardingError(f"{len(devices)} devices do not split into {num_slices} slices")
     dims = resolve_dims((dp, fsdp, tp, sp), len(devices) // num_slices)
+    tpu = devices[0].platform == "tpu"
+    # mesh_utils orders axes by rising traffic: tp (an all-reduce per matmul) gets the
+    # best links, then sp (K/V gathers per layer), then fsdp; ours are (dp, fsdp, tp, sp).
+    by_traffic = (dims[0], dims[1], dims[3], dims[2])
     if num_slices == 1:
-        return Mesh(np.array(devices).reshape(dims), AXES)
-    from jax.experimental import mesh_utils
-
-    # TPU devices know their slice; elsewhere (CPU tests) each process stands for one.
-    by_process = devices[0].platform != "tpu"
-    grid = mesh_utils.create_hybrid_device_mesh(
-        dims, (num_slices, 1, 1, 1), devices, process_is_granule=by_process, allow_split_physical_axes=True
-    )
-    return Mesh(grid, AXES)
+        if not tpu:
+            return Mesh(np.array(devices).reshape(dims), AXES)
+        grid = mesh_utils.create_device_mesh(by_traffic, devices, allow_split_physical_axes=True)
+    else:
+        # TPU devices know their slice; elsewhere (CPU tests) each process stands for one.
+        grid = mesh_utils.create_hybrid_device_mesh(
+            by_traffic, (num_slices, 1, 1, 1), devices, process_is_granule=not tpu, allow_split_physical_axes=True
+        )
+    return Mesh(grid.transpose(0, 1, 3, 2), AXES)
 
 
 def check_dims(dims: tuple[int, ...]) -> None:
@@ -81,15 +92,17 @@ def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
 def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
     stacked = is_stacked(name)
     dims = shape[1:] if stacked else shape
-    spec = param_spec(name, dims)
-    for size, axis in zip(dims, spec):
-        if axis is not None and size % mesh.shape[axis]:
+    entries = []
+    for size, axis in zip(dims, param_spec(name, dims)):
+        axes = tuple(a for a in PARAM_SHARD_AXES.get(axis, (axis,)) if a and mesh.shape[a] > 1)
+        ways = int(np.prod([mesh.shape[a] for a in axes]))
+        if size % ways:
             raise ShardingError(
-                f"parameter {name} {tuple(shape)}: dimension {size} is not divisible by mesh axis "
-                f"{axis}={mesh.shape[axis]}; choose sharding_axis_dims that divide it"
+                f"parameter {name} {tuple(shape)}: dimension {size} is not divisible by mesh "
+                f"{' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}; choose sharding_axis_dims that divide it"
             )
-    spec = tuple(a if mesh.shape.get(a, 1) > 1 else None for a in spec) if spec else ()
-    return NamedSharding(mesh, P(*(((None,) if stacked else ()) + spec)))
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(*(((None,) if stacked else ()) + tuple(entries))))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

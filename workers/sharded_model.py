@@ -31,12 +31,14 @@ class ShardedModel:
     shardings: dict[str, NamedSharding]
 
     @classmethod
-    def build(cls, spec: TrainSpec) -> "ShardedModel":
-        """Call after `jax.distributed` is up: the mesh spans every host's devices."""
-        mesh = global_mesh(*spec.sharding_axis_dims, num_slices=spec.num_slices)
+    def build(cls, spec: TrainSpec, devices=None, hf_overrides: dict | None = None) -> "ShardedModel":
+        """Call after `jax.distributed` is up: the mesh spans every host's devices (or
+        `devices`: a TPU slice's, for compiling only). Reads only `config.json`, with
+        `hf_overrides` over it (a shortened copy of the model for cost estimates)."""
+        mesh = global_mesh(*spec.sharding_axis_dims, devices=devices, num_slices=spec.num_slices)
         model_dir = Path(spec.model_dir)
-        hf_config = read_hf_config(model_dir / "config.json")
-        config = ModelConfig.from_hf_dict(hf_config)
+        hf_config = {**read_hf_config(model_dir / "config.json"), **(hf_overrides or {})}
+        config = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
         runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
         layout = build_layout(config, jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype), runtime)
         shardings = {name: param_sharding(mesh, name, s.shape) for name, s in layout.shapes.items()}

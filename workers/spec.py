@@ -36,6 +36,7 @@ class TrainSpec:
     dtype: str
     param_dtype: str
     export_dtype: str
+    max_sequence_length: int
     attn_mechanism: str
     gradient_checkpointing: str
     scan_layers: bool

@@ -15,7 +15,30 @@ from raysft.workers.models.params import ParamLayout
 def batch_sums(layout: ParamLayout, params, batch, chunk_size: int | None = None) -> dict[str, jax.Array]:
     model = layout.bind(params)
     hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    return token_loss_sums(hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size)
+    mesh = model.runtime.mesh
+    sequence_shards = mesh.shape["sp"] if mesh is not None else 1
+    return token_loss_sums(
+        hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size, sequence_shards
+    )
+
+
+def accumulate(fn: Callable, steps: int, batch_sharding=None) -> Callable:
+    """`fn(params, batch)` summed over `steps` micro-batches of `batch` in a `lax.scan`,
+    so only one micro-batch's activations are live at a time."""
+    if steps == 1:
+        return fn
+
+    def summed(params, batch):
+        micro = microbatches(batch, steps, batch_sharding)
+        zero = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+
+        def one(carry, micro_batch):
+            return jax.tree.map(jnp.add, carry, fn(params, micro_batch)), None
+
+        return jax.lax.scan(one, zero, micro)[0]
+
+    return summed
 
 
 def microbatches(batch: dict[str, jax.Array], steps: int, batch_sharding=None) -> dict[str, jax.Array]:
@@ -52,20 +75,10 @@ def make_gradient_fn(
         sums = batch_sums(layout, params, batch, loss_chunk_size)
         return sums["loss_sum"] + z_loss * sums["z_sum"], sums
 
-    sum_grads = jax.grad(objective_sums, has_aux=True)
+    sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), gradient_accumulation_steps, batch_sharding)
 
     def gradient(params, batch):
-        if gradient_accumulation_steps == 1:
-            grad_sums, sums = sum_grads(params, batch)
-        else:
-            micro = microbatches(batch, gradient_accumulation_steps, batch_sharding)
-            zero = jax.eval_shape(sum_grads, params, jax.tree.map(lambda x: x[0], micro))
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-
-            def one(carry, micro_batch):
-                return jax.tree.map(jnp.add, carry, sum_grads(params, micro_batch)), None
-
-            (grad_sums, sums), _ = jax.lax.scan(one, zero, micro)
+        grad_sums, sums = sum_grads(params, batch)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         return jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sums), sums
 
@@ -110,6 +123,16 @@ def make_train_step(
     )
 
 
-def make_eval_step(layout: ParamLayout, loss_chunk_size: int | None = None) -> Callable:
-    """`eval_step(params, batch) -> sums` (loss_sum, weight_sum, correct, ...) to add over batches."""
-    return jax.jit(lambda params, batch: batch_sums(layout, params, batch, loss_chunk_size))
+def make_eval_step(
+    layout: ParamLayout,
+    loss_chunk_size: int | None = None,
+    gradient_accumulation_steps: int = 1,
+    batch_sharding=None,
+    params_sharding=None,
+) -> Callable:
+    """`eval_step(params, batch) -> sums` (loss_sum, weight_sum, correct, ...) to add over
+    batches; in training's micro-batches, so eval never holds more activations than a step."""
+    sums = accumulate(
+        lambda params, batch: batch_sums(layout, params, batch, loss_chunk_size), gradient_accumulation_steps, batch_sharding
+    )
+    return jax.jit(sums, in_shardings=(params_sharding, batch_sharding))

@@ -20,40 +20,26 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
-    from raysft.workers.checkpoint import Checkpoints, SavePolicy, abstract_like, changed_settings
+    from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
     from raysft.workers.flops import flops_per_token, peak_flops
-    from raysft.workers.mesh import batch_sharding, optimizer_state_shardings
     from raysft.workers.models.loading import load_params
-    from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
     from raysft.workers.preemption import Preempted, PreemptionNotice
+    from raysft.workers.programs import RunPrograms
     from raysft.workers.sharded_model import ShardedModel
-    from raysft.workers.step import make_eval_step, make_train_step
 
     rank0 = jax.process_index() == 0
     model = ShardedModel.build(spec)
-    mesh, layout, p_shard = model.mesh, model.layout, model.shardings
-    b_shard = batch_sharding(mesh)
+    mesh, p_shard = model.mesh, model.shardings
 
     store = RowStore(spec.train_store)
     eval_store = RowStore(spec.eval_store) if spec.eval_store else None
     batch = spec.total_batch_size
-    batch_devices = mesh.shape["dp"] * mesh.shape["fsdp"]
-    accumulation = spec.gradient_accumulation_steps
-    if batch % (batch_devices * accumulation):
-        raise ValueError(
-            f"total_batch_size {batch} is not divisible by gradient_accumulation_steps {accumulation} x "
-            f"the {batch_devices} data-parallel devices"
-        )
     steps_per_epoch = store.steps_per_epoch(batch)
     if steps_per_epoch == 0:
         raise ValueError(f"the training data has {store.num_rows} rows, fewer than total_batch_size {batch}")
     total_steps = spec.total_steps(steps_per_epoch)
-    optimizer = build_optimizer(spec, total_steps)
-    schedule = learning_rate_schedule(spec, total_steps)
-
-    abstract_params = model.abstract_params()
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shard = optimizer_state_shardings(abstract_opt, layout.shapes, p_shard, mesh)
+    programs = RunPrograms.build(model, spec, total_steps)
+    b_shard = programs.batch_sharding
 
     def publish(record: dict) -> None:
         if rank0 and spec.metrics_queue is not None:
@@ -67,11 +53,12 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     param_bytes_read = 0
     if start_step is None:
         start_step = 0
-        params, param_bytes_read = load_params(model.model_dir, layout, lambda name, shape: p_shard[name])
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+        params, param_bytes_read = load_params(model.model_dir, model.layout, lambda name, shape: p_shard[name])
+        opt_state = jax.jit(programs.optimizer.init, out_shardings=programs.opt_shardings)(params)
     else:
         params, opt_state, saved = ckpts.restore(
-            start_step, abstract_params, abstract_like(abstract_opt, opt_shard), store.fingerprint, spec.allow_data_change
+            start_step, model.abstract_params(), programs.abstract_opt_state(), store.fingerprint,
+            spec.allow_data_change,
         )
         changes = changed_settings(saved.get("config", {}), trajectory)
         if saved["data_fingerprint"] != store.fingerprint:
@@ -93,10 +80,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
             "reason": reason,
         }
 
-    train_step = make_train_step(
-        layout, optimizer, (p_shard, opt_shard), spec.loss_chunk_size, spec.z_loss, accumulation, b_shard
-    )
-    eval_step = make_eval_step(layout, spec.loss_chunk_size)
+    train_step, eval_step = programs.train_step, programs.eval_step
 
     def evaluate(params) -> dict | None:
         """Loss, perplexity and token accuracy over every eval row (one host sync)."""
@@ -148,7 +132,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                     "step": step,
                     "epoch": step / steps_per_epoch,
                     "loss": last_loss,
-                    "learning_rate": float(schedule(step - 1)),
+                    "learning_rate": float(programs.schedule(step - 1)),
                     "grad_norm": float(metrics["grad_norm"]),
                     "token_accuracy": float(metrics["token_accuracy"]),
                     "supervised_tokens": float(metrics["supervised_tokens"]),

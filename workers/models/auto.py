@@ -27,12 +27,15 @@ def _looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
+def resolve_model_dir(name_or_path: str | Path, config_only: bool = False) -> Path:
     """Local Hugging Face directory for a directory, a `.gguf` file or a hub repo id;
-    absolute, since workers run in other directories than the driver."""
+    absolute, since workers run in other directories than the driver. `config_only`:
+    a `config.json` is all that is needed (no weights are fetched from the hub)."""
     path = Path(name_or_path).expanduser().absolute()
     if path.suffix == ".gguf":
         return convert_gguf(path)
+    if config_only and path.name == "config.json" and path.is_file():
+        return path.parent
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {path} has no config.json")
@@ -44,7 +47,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+            patterns = ["config.json"] if config_only else _HUB_FILES
+            return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(

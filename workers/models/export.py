@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
@@ -20,11 +22,35 @@ SHARD_BYTES = 5 * 1000**3
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    # A collective on multi-host meshes: every process must call this for every array.
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+@functools.lru_cache(maxsize=None)
+def _gather_program(replicated: NamedSharding, dtype, stacked: bool) -> Callable:
+    if stacked:
+        take = lambda x, layer: jax.lax.dynamic_index_in_dim(x, layer, keepdims=False).astype(dtype)  # noqa: E731
+    else:
+        take = lambda x: x.astype(dtype)  # noqa: E731
+    return jax.jit(take, out_shardings=replicated)
+
+
+def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
+    """(program, arguments) that put one layer of stacked parameter `name` (the layer
+    index is an argument: one program for every layer), or the whole of another, on
+    every device in the export dtype: a whole stacked array is never gathered at once.
+    `array` may be abstract (a ShapeDtypeStruct with a sharding) for `raysft plan`."""
+    replicated = NamedSharding(array.sharding.mesh, P())
+    stacked = is_stacked(name)
+    program = _gather_program(replicated, jnp.dtype(EXPORT_DTYPES[dtype]), stacked)
+    return program, ((array, jax.ShapeDtypeStruct((), jnp.int32)) if stacked else (array,))
+
+
+def _to_host(name: str, array: jax.Array, layer: int, dtype: str, writer: bool) -> np.ndarray | None:
+    """One layer (or the whole) of a parameter on the writing host. A collective on
+    multi-device meshes: every process calls it for every piece."""
+    if len(array.sharding.device_set) == 1:
+        piece = array[layer] if is_stacked(name) else array
+        return np.asarray(piece).astype(EXPORT_DTYPES[dtype]) if writer else None
+    program, _ = layer_gather(name, array, dtype)
+    out = program(array, np.int32(layer)) if is_stacked(name) else program(array)
+    return np.asarray(out.addressable_data(0)) if writer else None
 
 
 def _shard_plan(params: dict[str, jax.Array], itemsize: int) -> list[list[tuple[str, int, str, bool]]]:
@@ -51,8 +77,9 @@ def save_pretrained(
 ) -> None:
     """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`.
 
-    Call on every process; only process 0 writes. Each file is written as soon as its
-    tensors are gathered, so the host holds at most one file's worth of weights.
+    Call on every process; only process 0 writes. Parameters are gathered one layer at a
+    time and each file is written as soon as its tensors are gathered, so a device holds
+    at most one layer's extra copy and the host one file's worth of weights.
     """
     np_dtype = EXPORT_DTYPES[dtype]
     writer = jax.process_index() == 0
@@ -62,15 +89,13 @@ def save_pretrained(
     ]
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-    weight_map, total, gathered = {}, 0, {}
+    weight_map, total = {}, 0
     for file_name, entries in zip(names, files):
         tensors = {}
         for name, piece, key, transposed in entries:
-            if name not in gathered:
-                gathered = {name: _to_host(params[name])}  # the previous param is done with
-            host = gathered[name][piece] if is_stacked(name) else gathered[name]
+            host = _to_host(name, params[name], piece, dtype, writer)
             if writer:
-                tensors[key] = np.ascontiguousarray(host.T if transposed else host, dtype=np_dtype)
+                tensors[key] = np.ascontiguousarray(host.T if transposed else host)
         if writer:
             save_file(tensors, out_dir / file_name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file_name))
@@ -82,6 +107,7 @@ def save_pretrained(
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -142,7 +142,7 @@ class LlamaForCausalLM(nnx.Module):
         cos_BxTxK, sin_BxTxK = rope_cos_sin(
             positions_BxT, jnp.asarray(self.config.rope_inverse_frequencies()), self.dtype
         )
-        x_BxTxD = self.runtime.constrain(self.model.embed_tokens(input_ids_BxT))
+        x_BxTxD = self.runtime.constrain(self.runtime.embed(self.model.embed_tokens, input_ids_BxT))
         attend = self.runtime.attention()
         windows = self.config.window_per_layer
 

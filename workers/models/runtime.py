@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from raysft.workers.models.attention import ATTENTION_MECHANISMS, IMPLEMENTATIONS, resolve_mechanism
+from raysft.workers.models.attention import ATTENTION_MECHANISMS, IMPLEMENTATIONS, resolve_mechanism, splash_kernel
 
 # Names as EasyDeL and MaxText spell them; `full` saves nothing, like `nothing_saveable`.
 REMAT_POLICIES: dict[str, Any] = {
@@ -41,26 +44,80 @@ class ModelRuntime:
             )
 
     @property
+    def platform(self) -> str:
+        """Where the model runs: the mesh's devices (a TPU slice that `raysft plan`
+        compiles for from a CPU host), else the default backend."""
+        return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
+    @property
     def mechanism(self) -> str:
-        return resolve_mechanism(self.attn_mechanism)
+        return resolve_mechanism(self.attn_mechanism, self.platform)
 
     def attention(self) -> Callable:
+        """`attend(q, k, v, segment_ids, window)` on global arrays [B, T, ...].
+
+        XLA partitions plain attention over the batch and heads itself. A Pallas kernel
+        is opaque to its partitioner, and with `sp` every device should attend only its
+        own queries: there each device gets its rows, heads and query shard in a
+        `shard_map`, and all keys of its rows (gathered over sp).
+        """
         fn = IMPLEMENTATIONS[self.mechanism]
-        if self.mechanism != "splash" or self.mesh is None or self.mesh.size == 1:
+        splash = self.mechanism == "splash"
+        if splash:
+            fn = functools.partial(fn, interpret=self.platform != "tpu")
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1 or (not splash and mesh.shape["sp"] == 1):
             return fn
-        from raysft.workers.mesh import BATCH_AXES
+        from raysft.workers.mesh import BATCH_AXES, ShardingError
 
-        # A Pallas kernel is opaque to XLA's partitioner: hand each device its own rows and heads.
-        heads = P(BATCH_AXES, None, "tp", None)
-        rows = P(BATCH_AXES, None)
+        sp = mesh.shape["sp"]
+        q_heads, kv_heads = P(BATCH_AXES, "sp", "tp", None), P(BATCH_AXES, None, "tp", None)
+        q_rows, kv_rows = P(BATCH_AXES, "sp"), P(BATCH_AXES, None)
 
-        def sharded(q, k, v, segment_ids, window=None):
-            local = lambda q, k, v, s: fn(q, k, v, s, window)  # noqa: E731
+        def sharded(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, window=None):
+            t, heads, groups = q_BxTxHxK.shape[1], q_BxTxHxK.shape[2], k_BxTxGxK.shape[2]
+            if groups % mesh.shape["tp"]:
+                raise ShardingError(
+                    f"tp={mesh.shape['tp']} does not divide the {groups} key/value heads; choose a tp that does"
+                )
+            if t % sp:
+                raise ShardingError(f"sp={sp} does not divide max_sequence_length {t}")
+            # A window that differs per scanned layer is traced: it enters as an argument.
+            traced = window is not None and not isinstance(window, (int, np.integer))
+            extra, extra_specs = ((window,), (P(),)) if traced else ((), ())
+            if splash:
+                kernel = splash_kernel(t, heads // groups, window, self.platform != "tpu", sp)
+                extra += (kernel,)
+                extra_specs += (kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, "sp"))),)
+
+            def local(q, k, v, segments, kv_segments, *rest):
+                w = rest[0] if traced else window
+                kw = {"kernel": rest[-1]} if splash else {"q_offset": jax.lax.axis_index("sp") * (t // sp)}
+                return fn(q, k, v, segments, w, kv_segment_ids=kv_segments, **kw)
+
             return jax.shard_map(
-                local, mesh=self.mesh, in_specs=(heads, heads, heads, rows), out_specs=heads, check_vma=False
-            )(q, k, v, segment_ids)
+                local,
+                mesh=mesh,
+                in_specs=(q_heads, kv_heads, kv_heads, q_rows, kv_rows, *extra_specs),
+                out_specs=q_heads,
+                check_vma=False,
+            )(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, segment_ids_BxT, *extra)
 
         return sharded
+
+    def embed(self, table, ids_BxT):
+        """`table(ids)` (an `nnx.Embed`), with each data-parallel replica looking up only
+        its own rows: the table's gradient is then each replica's partial sum, added in
+        one all-reduce over dp. Left to itself XLA gathers every replica's token
+        cotangents over dp (across slices: over the data-center network) first."""
+        mesh = self.mesh
+        if mesh is None or mesh.shape["dp"] == 1:
+            return table(ids_BxT)
+        embedding_VxD = table.embedding[...].astype(table.dtype or table.embedding.dtype)
+        return jax.shard_map(
+            lambda e_VxD, ids: jnp.take(e_VxD, ids, axis=0),
+            mesh=mesh, in_specs=(P(), P("dp")), out_specs=P("dp"), axis_names={"dp"}, check_vma=False,
+        )(embedding_VxD, ids_BxT)
 
     def constrain(self, x_BxTxD):
         """Keep activations split over the batch axes and the sequence over sp."""

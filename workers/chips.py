@@ -1,0 +1,52 @@
+"""Accelerator chips: peak bf16 FLOP/s and memory per chip, in one table.
+
+Looked up by JAX's `device_kind` (MFU on the workers) or by a TPU generation as Ray and
+GCP name it (`raysft plan`, which compiles for a slice that is not attached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str  # as users say it: v5p, H100
+    device_kinds: tuple[str, ...]  # JAX's device_kind prefixes, most specific first
+    peak_flops: float  # dense bf16, per chip (vendor figures)
+    hbm_bytes: int | None = None  # per chip; None where it varies by model (GPUs)
+    # What the TPU compiler lets one program use (its "available HBM" in libtpu 0.0.42).
+    usable_hbm_bytes: int | None = None
+    generations: tuple[str, ...] = ()  # Ray's / GCP's TPU version names
+    topology_name: str | None = None  # libtpu's name in "v5p:2x2x2" compile-only topologies
+    # libtpu describes the chip as one device (two TensorCores as one) only when asked.
+    megacore: bool = False
+
+
+CHIPS = (
+    Chip("v4", ("TPU v4",), 275e12, 32 * GiB, int(30.75 * GiB), ("v4",), "v4", megacore=True),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), ("v5litepod", "v5e"), "v5e"),
+    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95 * GiB, int(95.74 * GiB), ("v5p",), "v5p"),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), ("v6e",), "v6e"),
+    Chip("A100", ("NVIDIA A100",), 312e12),
+    Chip("H100", ("NVIDIA H100",), 989e12),
+    Chip("H200", ("NVIDIA H200",), 989e12),
+)
+TPU_CHIPS = tuple(c for c in CHIPS if c.generations)
+
+
+def chip_of_device(device) -> Chip | None:
+    """The table's entry for a JAX device, or None (CPUs, unknown accelerators)."""
+    matches = [(len(kind), chip) for chip in CHIPS for kind in chip.device_kinds if device.device_kind.startswith(kind)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def tpu_chip(generation: str) -> Chip:
+    """The TPU chip of a generation as Ray names it (v4, v5p, v5litepod, v6e)."""
+    for chip in TPU_CHIPS:
+        if generation.lower() in chip.generations:
+            return chip
+    known = ", ".join(g for chip in TPU_CHIPS for g in chip.generations)
+    raise ValueError(f"TPU generation {generation!r} has no memory figures in raysft; known: {known}")

@@ -1,0 +1,197 @@
+"""Compile a run's programs for a set of devices and read what the compiler reports:
+memory per device, the HLO (kernels, collectives) and its cost model's time estimate.
+
+The devices may be a TPU slice that is not attached (compile-only devices from libtpu):
+nothing is allocated and no weights are read, only the model's `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from raysft.workers.programs import RunPrograms
+from raysft.workers.sharded_model import ShardedModel
+from raysft.workers.spec import TrainSpec
+
+# The TPU compiler turns an FSDP all-gather + matmul into a loop ("windowed einsum");
+# its cost model counts a loop body once, so time estimates are compiled without them.
+_NO_WINDOWED_EINSUM = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+# How the TPU compiler refuses a program that does not fit (it reports no memory analysis).
+_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """What one compiled program needs per device, in bytes, and how long it compiled.
+    A program the compiler refused for memory has only its `total` (from the refusal)."""
+
+    argument: int | None
+    output: int | None
+    alias: int | None  # outputs written over donated arguments
+    temp: int | None  # activations and other temporaries (their allocations, not all live at once)
+    # What the device holds at the most: the compiler's peak of live buffers, arguments
+    # included. The TPU compiler holds this against the chip's memory to accept a program.
+    total: int
+    compile_s: float
+    out_of_memory: bool = False
+
+    @classmethod
+    def of(cls, compiled, compile_s: float) -> "ProgramMemory":
+        m = compiled.memory_analysis()
+        arg, out, alias, temp = (
+            m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes
+        )
+        return cls(arg, out, alias, temp, getattr(m, "peak_memory_in_bytes", 0) or arg + out - alias + temp, compile_s)
+
+
+def _compile(lowered, options: dict | None = None):
+    """(compiled program, seconds to compile it)."""
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=options or {})
+    return compiled, time.perf_counter() - start
+
+
+def _compile_memory(lowered) -> tuple[Any, ProgramMemory]:
+    """(compiled program or None, its memory): a refusal for memory is a result here."""
+    start = time.perf_counter()
+    try:
+        compiled, seconds = _compile(lowered)
+    except jax.errors.JaxRuntimeError as err:
+        match = _OUT_OF_MEMORY.search(str(err))
+        if not match:
+            raise
+        total = int(float(match[1]) * 1024 ** " KMGT".index(match[2] or " "))
+        return None, ProgramMemory(None, None, None, None, total, time.perf_counter() - start, out_of_memory=True)
+    return compiled, ProgramMemory.of(compiled, seconds)
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings (the largest shard)."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+@dataclasses.dataclass
+class CompiledRun:
+    """A run's programs compiled for `devices`; byte counts are per device."""
+
+    programs: RunPrograms
+    param_bytes: int
+    optimizer_bytes: int
+    batch_bytes: int
+    train: ProgramMemory
+    train_hlo: str
+    eval: ProgramMemory | None = None
+    export: ProgramMemory | None = None  # total: resident parameters + the largest gather
+    export_largest_gather: int = 0  # bytes one device receives in the largest gather
+
+    @property
+    def uses_splash(self) -> bool | None:
+        """Whether the compiled step calls the splash kernel (None: it did not compile)."""
+        return "splash" in self.train_hlo if self.train_hlo else None
+
+    @classmethod
+    def compile(
+        cls, spec: TrainSpec, devices, total_steps: int = 1000, with_eval: bool = True, with_export: bool = True
+    ) -> "CompiledRun":
+        model = ShardedModel.build(spec, devices)
+        programs = RunPrograms.build(model, spec, total_steps)
+        params, opt_state = model.abstract_params(), programs.abstract_opt_state()
+        batch = programs.abstract_batch(spec.total_batch_size, spec.max_sequence_length)
+        compiled, memory = _compile_memory(programs.train_step.lower(params, opt_state, batch))
+        run = cls(
+            programs, _shard_bytes(params), _shard_bytes(opt_state), _shard_bytes(batch), memory,
+            compiled.as_text() if compiled is not None else "",
+        )
+        if with_eval:
+            run.eval = _compile_memory(programs.eval_step.lower(params, batch))[1]
+        if with_export:
+            run._compile_export(spec.export_dtype)
+        return run
+
+    def _compile_export(self, dtype: str) -> None:
+        """Every gather program of the export; its total is all parameter shards (resident
+        while exporting) plus the largest gather's output and temporaries."""
+        total_s, worst, largest, seen = 0.0, None, 0, {}
+        for program, args in self.programs.export_gathers(dtype).values():
+            key = (program, tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in args))
+            if key not in seen:  # parameters of one shape share one compiled program
+                seen[key] = _compile_memory(program.lower(*args))[1]
+                total_s += seen[key].compile_s
+            if worst is None or _beyond_arguments(seen[key]) > _beyond_arguments(worst):
+                worst = seen[key]
+            largest = max(largest, seen[key].output or 0)
+        self.export = ProgramMemory(
+            self.param_bytes, worst.output, 0, worst.temp, self.param_bytes + _beyond_arguments(worst), total_s,
+            worst.out_of_memory,
+        )
+        self.export_largest_gather = largest
+
+
+def _beyond_arguments(memory: ProgramMemory) -> int:
+    """What a program holds at its peak besides its arguments (a refused one: its whole total)."""
+    return memory.total if memory.out_of_memory else memory.total - memory.argument
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+    """The compiler cost model's whole-step time: an estimate, not a measurement."""
+
+    seconds: float
+    tokens_per_second_per_device: float
+    compile_s: float
+
+
+def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | None:
+    """Whole-step time from the TPU cost model, made whole where it counts a loop once.
+
+    The cost model counts a loop body once: the scanned layers, the chunked loss, the
+    micro-batch scan, and the compiler's own windowed-einsum loops. So two copies of the
+    step are compiled without any of them (unscanned, one chunk, one micro-batch,
+    windowed einsum off), with 0 and 1 decoder layers: the step is then
+    micro-batches x (base + layers x one layer). The micro-batches' copies of the
+    optimizer update are counted too (a small overcount). None where the cost model has
+    no usable answer (libtpu 0.0.42 gives negative times for v4 and v5e programs).
+    """
+    micro = dataclasses.replace(
+        spec,
+        scan_layers=False,
+        loss_chunk_size=None,
+        gradient_accumulation_steps=1,
+        total_batch_size=spec.total_batch_size // spec.gradient_accumulation_steps,
+    )
+    seconds, compile_s = [], 0.0
+    for layers in (0, 1):
+        model = ShardedModel.build(micro, devices, hf_overrides={"num_hidden_layers": layers, "layer_types": None})
+        programs = RunPrograms.build(model, micro, total_steps=1000)
+        lowered = programs.train_step.lower(
+            model.abstract_params(), programs.abstract_opt_state(),
+            programs.abstract_batch(micro.total_batch_size, micro.max_sequence_length),
+        )
+        compiled, took = _compile(lowered, _NO_WINDOWED_EINSUM)
+        compile_s += took
+        seconds.append(float(_cost(compiled).get("optimal_seconds", float("nan"))))
+    if not all(0 < s < math.inf for s in seconds) or seconds[1] < seconds[0]:
+        return None
+    base, one_layer = seconds[0], seconds[1] - seconds[0]
+    step_s = spec.gradient_accumulation_steps * (base + num_layers * one_layer)
+    tokens = spec.total_batch_size * spec.max_sequence_length
+    return StepEstimate(step_s, tokens / step_s / len(devices), compile_s)
+
+
+def _cost(compiled) -> dict[str, Any]:
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})

@@ -1,0 +1,78 @@
+"""The jitted programs of a run: train step, eval step and export gather.
+
+Built once from the run's model and settings. Training calls them on real arrays;
+`raysft plan` lowers the very same functions with abstract arguments and compiles them
+for a TPU slice that is not attached, so what it measures is what training runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import NamedSharding
+
+from raysft.data.rows import ROW_FIELDS
+from raysft.workers.mesh import ShardingError, batch_sharding, optimizer_state_shardings
+from raysft.workers.models.export import layer_gather
+from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
+from raysft.workers.sharded_model import ShardedModel
+from raysft.workers.spec import TrainSpec
+from raysft.workers.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPrograms:
+    model: ShardedModel
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    batch_sharding: NamedSharding
+    opt_shardings: Any
+    train_step: Callable  # (params, opt_state, batch) -> (params, opt_state, metrics)
+    eval_step: Callable  # (params, batch) -> sums
+
+    @classmethod
+    def build(cls, model: ShardedModel, spec: TrainSpec, total_steps: int) -> "RunPrograms":
+        """Checks that the batch and rows divide over the mesh, then builds the programs."""
+        mesh = model.mesh
+        batch, accumulation = spec.total_batch_size, spec.gradient_accumulation_steps
+        batch_devices = mesh.shape["dp"] * mesh.shape["fsdp"]
+        if batch % (batch_devices * accumulation):
+            raise ValueError(
+                f"total_batch_size {batch} is not divisible by gradient_accumulation_steps {accumulation} x "
+                f"the {batch_devices} data-parallel devices"
+            )
+        if spec.max_sequence_length % mesh.shape["sp"]:
+            raise ShardingError(
+                f"max_sequence_length {spec.max_sequence_length} is not divisible by sp={mesh.shape['sp']}"
+            )
+        optimizer = build_optimizer(spec, total_steps)
+        abstract_opt = jax.eval_shape(optimizer.init, model.abstract_params())
+        opt_shardings = optimizer_state_shardings(abstract_opt, model.layout.shapes, model.shardings, mesh)
+        rows = batch_sharding(mesh)
+        train_step = make_train_step(
+            model.layout, optimizer, (model.shardings, opt_shardings), spec.loss_chunk_size, spec.z_loss,
+            accumulation, rows,
+        )
+        eval_step = make_eval_step(model.layout, spec.loss_chunk_size, accumulation, rows, model.shardings)
+        return cls(model, optimizer, learning_rate_schedule(spec, total_steps), rows, opt_shardings, train_step, eval_step)
+
+    def abstract_opt_state(self):
+        """Shapes, dtypes and shardings of the optimizer state (what orbax restores into)."""
+        abstract = jax.eval_shape(self.optimizer.init, self.model.abstract_params())
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.opt_shardings
+        )
+
+    def abstract_batch(self, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=self.batch_sharding)
+            for name, dtype in ROW_FIELDS.items()
+        }
+
+    def export_gathers(self, dtype: str) -> dict[str, tuple[Callable, tuple]]:
+        """The export's gather program for each parameter, with abstract arguments: one
+        layer of a stacked parameter (or the whole of another) onto every device."""
+        return {name: layer_gather(name, abstract, dtype) for name, abstract in self.model.abstract_params().items()}

@@ -10,6 +10,7 @@ smallest first, and the first that fits is named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -79,13 +80,14 @@ class Plan:
         mesh = run.programs.model.mesh
         cfg = run.programs.model.config
         lines = [
-            f"{self.model_dir / 'config.json'}: {cfg.architecture}, {self.parameters / 1e9:.2f}B parameters",
+            f"{self.model_dir / 'config.json'}: {cfg.architecture}, {_count_words(self.parameters)} parameters",
             f"on {tpu.tpu_type}{f' x {tpu.num_slices} slices' if tpu.num_slices > 1 else ''}: {tpu.chips} {tpu.chip.name} "
             f"chips ({tpu.chip.hbm_bytes / GiB:.0f} GiB HBM each, {self.hbm / GiB:.2f} GiB for one program), "
-            f"{tpu.num_workers} hosts, topology {tpu.topology}",
+            f"{_plural(tpu.num_workers, 'host')}, topology {tpu.topology}",
             "mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-            + f"; batch {c.total_batch_size} x {c.max_sequence_length} tokens in {c.gradient_accumulation_steps} "
-            f"micro-batch(es); {c.dtype} compute, {c.param_dtype} parameters, {getattr(c.optimizer, 'value', c.optimizer)}",
+            + f"; batch {c.total_batch_size} x {c.max_sequence_length} tokens in "
+            f"{_plural(c.gradient_accumulation_steps, 'micro-batch')}; {c.dtype} compute, {c.param_dtype} parameters, "
+            f"{getattr(c.optimizer, 'value', c.optimizer)}",
             f"attention {run.programs.model.runtime.mechanism} (Pallas splash kernel in the step: "
             f"{ {True: 'yes', False: 'no', None: 'unknown, it did not compile'}[run.uses_splash]}); "
             f"remat {c.gradient_checkpointing}; scan_layers {c.scan_layers}",
@@ -130,6 +132,14 @@ class Plan:
         )
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('h') else 's'}"
+
+
+def _count_words(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def plan_spec(config: SFTConfig, model_dir: Path) -> TrainSpec:
     """The TrainSpec a run of `config` would give its workers (no data, no run paths)."""
     return TrainSpec.from_config(
@@ -164,7 +174,7 @@ def plan(
     devices = tpu.compile_devices()
     say(f"compiling for {tpu.tpu_type} ({len(devices)} chips) ...")
     compiled = CompiledRun.compile(plan_spec(config, model_dir), devices, with_eval=evaluate, with_export=export)
-    parameters = sum(_count(s.shape) for s in compiled.programs.model.layout.shapes.values())
+    parameters = sum(math.prod(s.shape) for s in compiled.programs.model.layout.shapes.values())
     result = Plan(config, model_dir, tpu, parameters, compiled)
     if estimate and result.fits:
         say("estimating the step time (2 more compiles) ...")
@@ -172,13 +182,6 @@ def plan(
     if search and not result.fits:
         _search(result, devices, hf, say)
     return result
-
-
-def _count(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _search(result: Plan, devices, hf: dict, say: Callable[[str], None]) -> None:

@@ -107,13 +107,15 @@ def _compile_only_libtpu(tpu_type: str):
     TPU VM, must see the machine's own).
 
     Off a TPU VM there is nothing to describe "this machine" from: say so instead of
-    letting libtpu probe and warn. Its compiler logs every pass at INFO into
-    /tmp/tpu_logs, which Ray's log monitor streams to the driver's console: errors only.
+    letting libtpu probe and warn. Its compiler logs every pass into /tmp/tpu_logs,
+    which Ray's log monitor streams to the driver's console, and a program that does not
+    fit as a 200-line report on stderr: the plan reports memory itself, so fatal errors
+    only (TPU_STDERR_LOG_LEVEL=0 brings libtpu's own report back).
     And it takes a machine-wide lock that would keep a training worker on this host (a
     one-host slice) off the TPU: compiling needs no TPU, so no lock."""
     wanted = {
         "TPU_ACCELERATOR_TYPE": tpu_type, "TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1",
-        "TPU_MIN_LOG_LEVEL": "2", "TPU_STDERR_LOG_LEVEL": "2", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+        "TPU_MIN_LOG_LEVEL": "3", "TPU_STDERR_LOG_LEVEL": "3", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
     }
     before = {name: os.environ.get(name) for name in wanted}
     os.environ.update({name: value for name, value in wanted.items() if before[name] is None})

@@ -43,9 +43,17 @@ class Encoder:
         Rust batch path), stored on each example for `encode`."""
         texts = [e for e in examples if e.text is not None and e.text_ids is None]
         if texts:
-            batch = self.tokenizer([e.text for e in texts], add_special_tokens=self.settings.add_special_tokens)
-            for example, ids in zip(texts, batch["input_ids"]):
-                example.text_ids = self._dedupe_bos(ids, self.settings.add_special_tokens)
+            special = self.settings.add_special_tokens
+            for example, ids in zip(texts, self._batch_ids([e.text for e in texts], special)):
+                example.text_ids = self._dedupe_bos(ids, special)
+
+    def _batch_ids(self, texts: list[str], special: bool) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        # The Rust tokenizer's batch without offsets: the same ids as the transformers call
+        # (which turns off the tokenizer file's own truncation and padding; so must we).
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
     def _with_eos(self, ids: list[int], mask: list[bool] | np.ndarray):
         mask = list(mask)

@@ -1,4 +1,5 @@
-"""Prepare a dataset into a step-indexed row store: Ray Data encodes, the driver plans rows."""
+"""Prepare a dataset into a step-indexed row store: Ray tasks read, encode and write rows;
+the driver holds only each document's length and place, and plans the rows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -18,9 +22,10 @@ from raysft.data import sources
 from raysft.data.chat import require_chat_template
 from raysft.data.errors import DataError
 from raysft.data.formats import detect_format
-from raysft.data.rows import best_fit_decreasing, build_rows, wrapped_rows
+from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
+from raysft.data.rows import Placements, best_fit_decreasing, bin_placements, wrapped_placements
 from raysft.data.settings import DataSettings
-from raysft.data.store import RowStore, write_store
+from raysft.data.store import META_FILE, RowStore
 from raysft.data.tokenize import EncodeRows
 
 CHAT_FORMATS = ("messages", "sharegpt")
@@ -31,7 +36,9 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     for file in sorted(tokenizer_dir.iterdir()):
         if file.is_file():
             digest.update(file.name.encode())
-            digest.update(file.read_bytes())
+            with open(file, "rb") as f:  # streamed: a model directory holds the weights too
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -54,108 +61,185 @@ def prepare_dataset(
     formatting_func: Callable | None = None,
     hub_options: dict | None = None,
     report: Callable[[str], None] | None = print,
+    shard_rows: int | None = None,
 ) -> RowStore:
     """The row store for `source`, reusing one already prepared with the same fingerprint
     (source content, tokenizer files with their chat template, settings, formatting_func).
 
-    `batch_size` rows per encoding batch, over up to `num_proc` tokenizer actors (2).
+    Reading, encoding (`batch_size` rows per batch, in a pool of tokenizer actors that
+    grows with the cluster's CPUs up to `num_proc`) and row writing (`shard_rows` rows per
+    task; by default ~128 MiB shards) all run in Ray tasks; the driver gets each
+    document's length and place, plans the rows and collects the stats.
     """
-    if sources.looks_like_hub_dataset(source):
-        source = sources.load_hub_dataset(source, **(hub_options or {}))
-    name = sources.describe(source)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [sources.fingerprint(source), tokenizer_fingerprint(tokenizer_dir), dataclasses.asdict(settings),
-             _function_fingerprint(formatting_func)],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:20]
-    store_dir = store_root / fingerprint
-    if RowStore.exists(store_dir):  # checked before reading: a resumed run parses nothing
-        store = RowStore(store_dir)
-        if report:
-            report(f"{format_stats(store.meta)} (prepared before: {store_dir})")
-        return store
-
+    # Set before any dataset is made: a dataset keeps the context it was made in.
     context = ray.data.DataContext.get_current()
-    # Same documents in the same order on every run: the packing plan depends on it.
-    context.execution_options.preserve_order = True
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
     context.raise_original_map_exception = True
-    dropped: Counter[str] = Counter()
-    read_skips: dict[str, int] = {}
-    ds, columns = sources.read_rows(source, settings.on_bad_rows, read_skips)
-    dropped.update(read_skips)
-    fmt = "text" if formatting_func else detect_format(columns, settings.text_field, settings.dataset_format, name)
+    # Same documents in the same order on every run (the packing plan depends on it):
+    # sources with row numbers are put in order by the driver, the others by Ray Data,
+    # which then holds finished batches back behind slower ones.
+    context.execution_options.preserve_order = True
+    src = sources.resolve(source, hub_options)
+    context.execution_options.preserve_order = not src.numbered
+    identity = [tokenizer_fingerprint(tokenizer_dir), dataclasses.asdict(settings),
+                _function_fingerprint(formatting_func), STORE_FORMAT]
+    fingerprint = _fingerprint(src.fingerprint, identity) if src.fingerprint else None
+    if fingerprint and RowStore.exists(store_root / fingerprint):  # a resumed run reads no row
+        return _reuse(store_root / fingerprint, report)
+
+    fmt = "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
     if fmt in CHAT_FORMATS:
         from transformers import AutoTokenizer
 
-        require_chat_template(AutoTokenizer.from_pretrained(tokenizer_dir), name)
+        require_chat_template(AutoTokenizer.from_pretrained(tokenizer_dir), src.name)
 
-    encoded = ds.map_batches(
-        EncodeRows,
-        fn_constructor_kwargs=dict(
-            tokenizer_dir=str(tokenizer_dir), settings=dataclasses.asdict(settings), fmt=fmt,
-            source_name=name, formatting_func=formatting_func,
-        ),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        # A fixed pool: each actor pays the tokenizer load once, up front.
-        compute=ray.data.ActorPoolStrategy(size=num_proc or 2),
-        num_cpus=0.5,
-    )
-    docs_ids, docs_weights = [], []
-    rows_read = truncated = dropped_turns = 0
+    work = store_root / f".preparing-{uuid.uuid4().hex[:12]}"
+    docs_dir = work / "docs"
+    docs_dir.mkdir(parents=True)
+    try:
+        encoded = src.read().map_batches(
+            EncodeRows,
+            fn_constructor_kwargs=dict(
+                tokenizer_dir=str(tokenizer_dir), settings=dataclasses.asdict(settings), fmt=fmt, parts=src.parts,
+                docs_dir=str(docs_dir), formatting_func=formatting_func, hash_rows=src.fingerprint is None,
+            ),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
+            compute=_encoder_pool(num_proc),
+            num_cpus=1,
+        )
+        docs, stats = _collect(encoded, src.name)
+        if fingerprint is None:
+            fingerprint = _fingerprint(stats.pop("content_hash"), identity)
+            if RowStore.exists(store_root / fingerprint):
+                return _reuse(store_root / fingerprint, report)
+        stats.pop("content_hash", None)
+        placements = _plan(docs.length, settings)
+        store_dir = store_root / fingerprint
+        with _bar(placements.num_rows, "writing rows", report) as bar:
+            shard_sizes = write_row_shards(
+                placements, docs, docs_dir, work, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
+                progress=bar.update if bar else None,
+            )
+        stats.update(
+            fingerprint=fingerprint, format=fmt, rows=placements.num_rows, seq_len=settings.seq_len,
+            padding_fraction=float(1 - stats["tokens"] / max(placements.num_rows * settings.seq_len, 1)),
+            packing=settings.packing_strategy if settings.packing else "none",
+        )
+        shutil.rmtree(docs_dir)
+        (work / META_FILE).write_text(json.dumps(dict(stats, num_rows=placements.num_rows, shard_rows=shard_sizes),
+                                                  indent=2))
+        (work / "stats.json").write_text(json.dumps(stats, indent=2))
+        if not RowStore.exists(store_dir):  # else another process finished the same store first
+            shutil.rmtree(store_dir, ignore_errors=True)
+            work.rename(store_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if report:
+        report(format_stats(stats))
+    return RowStore(store_dir)
+
+
+STORE_FORMAT = "row shards v2"
+
+
+def _encoder_pool(num_proc: int | None) -> ray.data.ActorPoolStrategy:
+    """Tokenizer actors: as many as the cluster has CPUs now, growing with it, at most
+    `num_proc`. A Ray whose nodes all run on this machine may announce more CPUs than it
+    has cores (the embedded Ray does, so its workers never wait for a slot): there the
+    pool stops at the cores."""
+    here = ray.util.get_node_ip_address()
+    if num_proc is None and all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"]):
+        num_proc = os.cpu_count() or 1
+    now = max(int(ray.available_resources().get("CPU", 1)), 1)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=num_proc, initial_size=min(now, num_proc or now))
+
+
+def _fingerprint(source_fingerprint: str, identity: list) -> str:
+    return hashlib.sha256(json.dumps([source_fingerprint, *identity], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _reuse(store_dir: Path, report) -> RowStore:
+    store = RowStore(store_dir)
+    if report:
+        report(f"{format_stats(store.meta)} (prepared before: {store_dir})")
+    return store
+
+
+@contextlib.contextmanager
+def _bar(total: int, what: str, report):
+    if report is None:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit="rows", leave=False) as bar:
+        yield bar
+
+
+def _collect(encoded, name: str) -> tuple[Documents, dict]:
+    """The documents' lengths and places, in dataset order, and the stats, from the
+    encoding tasks' small records (no token passes through here)."""
+    keys, lengths, shards, offsets = [], [], [], []
+    shard_names: dict[str, int] = {}
+    dropped: Counter[str] = Counter()
+    totals = dict(rows_read=0, truncated_tokens=0, dropped_turns=0, supervised_tokens=0.0)
+    max_id, content = -1, np.zeros(2, np.uint64)
     try:
         with _ray_data_task_errors_unlogged():
             for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-                for ids, weights, piece, reason, cut, turns in zip(
-                    batch["input_ids"], batch["loss_weights"], batch["piece"], batch["dropped"],
-                    batch["truncated_tokens"], batch["dropped_turns"],
-                ):
-                    rows_read += piece == 0
-                    truncated += int(cut)
-                    dropped_turns += int(turns)
-                    if reason:
-                        dropped[str(reason)] += 1
-                    else:
-                        docs_ids.append(ids)
-                        docs_weights.append(weights)
+                kept = batch["dropped"] == ""
+                totals["rows_read"] += int((batch["piece"] == 0).sum())
+                totals["truncated_tokens"] += int(batch["truncated_tokens"].sum())
+                totals["dropped_turns"] += int(batch["dropped_turns"].sum())
+                totals["supervised_tokens"] += float(batch["trained"].sum())
+                dropped.update(batch["dropped"][~kept].tolist())
+                max_id = max(max_id, int(batch["max_id"].max(initial=-1)))
+                content += np.array([batch["hash0"].sum(), batch["hash1"].sum()], np.uint64)
+                names, index = np.unique(batch["shard"][kept], return_inverse=True)
+                ids = np.array([shard_names.setdefault(str(n), len(shard_names)) for n in names], np.int32)
+                keys.append(np.stack([batch["file"][kept], batch["row"][kept], batch["piece"][kept]]).astype(np.int64))
+                lengths.append(batch["length"][kept])
+                shards.append(ids[index] if len(ids) else np.zeros(0, np.int32))
+                offsets.append(batch["offset"][kept])
     except Exception as err:  # Ray wraps task errors; surface ours as the one-line cause
         data_error = _find_data_error(err)
         if data_error is None:
             raise
         # Ray appends its retry advice on further lines; ours is the first.
         raise DataError(str(data_error).splitlines()[0]) from None
-    rows_read += sum(read_skips.values())
-    if not docs_ids:
-        detail = f" (dropped: {dict(dropped)})" if dropped else ""
-        raise DataError(f"{name}: the dataset has no rows left to train on{detail}")
-
-    rows = _plan_rows(docs_ids, docs_weights, settings)
-    lengths = np.array([len(d) for d in docs_ids])
+    if totals["rows_read"] == 0:
+        raise DataError(f"{name}: the dataset has no rows")
+    key = np.concatenate(keys, axis=1) if keys else np.zeros((3, 0), np.int64)
+    if key.shape[1] == 0:
+        raise DataError(f"{name}: the dataset has no rows left to train on (dropped: {dict(dropped)})")
+    # Dataset order (file, row, piece) whatever order the tasks finished in; stable, so
+    # rows of a source without row numbers keep the order they were read in.
+    order = np.lexsort(key[::-1])
+    docs = Documents(np.concatenate(lengths)[order], np.concatenate(shards)[order], np.concatenate(offsets)[order],
+                     list(shard_names))
     stats = {
-        "fingerprint": fingerprint,
         "source": name,
-        "format": fmt,
-        "rows_read": int(rows_read),
-        "documents": len(docs_ids),
+        "rows_read": totals["rows_read"],
+        "documents": int(len(order)),
         "dropped": dict(sorted(dropped.items())),
-        "tokens": int(lengths.sum()),
-        "max_token_id": int(max(int(d.max()) for d in docs_ids if len(d))),
-        "supervised_tokens": int(sum(float(w.sum()) for w in docs_weights)),
-        "truncated_tokens": int(truncated),
-        "dropped_turns": int(dropped_turns),
-        "rows": int(rows["input_ids"].shape[0]),
-        "seq_len": settings.seq_len,
-        "padding_fraction": float(1 - lengths.sum() / rows["input_ids"].size),
-        "packing": settings.packing_strategy if settings.packing else "none",
+        "tokens": int(docs.length.sum()),
+        "max_token_id": max_id,
+        "supervised_tokens": int(totals["supervised_tokens"]),
+        "truncated_tokens": totals["truncated_tokens"],
+        "dropped_turns": totals["dropped_turns"],
+        "content_hash": f"{int(content[0]):016x}{int(content[1]):016x}",
     }
-    store = RowStore(write_store(store_dir, rows, stats))
-    (store_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    if report:
-        report(format_stats(stats))
-    return store
+    return docs, stats
+
+
+def _plan(lengths: np.ndarray, settings: DataSettings) -> Placements:
+    if settings.packing and settings.packing_strategy == "wrapped":
+        return wrapped_placements(lengths, settings.seq_len)
+    if settings.packing:
+        return bin_placements(best_fit_decreasing(lengths, settings.seq_len), lengths)
+    return bin_placements([[i] for i in range(len(lengths))], lengths)
 
 
 @contextlib.contextmanager
@@ -177,16 +261,6 @@ _RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_stat
 
 def _below_error(record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR
-
-
-def _plan_rows(docs_ids, docs_weights, settings: DataSettings) -> dict[str, np.ndarray]:
-    if settings.packing and settings.packing_strategy == "wrapped":
-        return wrapped_rows(docs_ids, docs_weights, settings.seq_len)
-    if settings.packing:
-        bins = best_fit_decreasing(np.array([len(d) for d in docs_ids]), settings.seq_len)
-    else:
-        bins = [[i] for i in range(len(docs_ids))]
-    return build_rows(docs_ids, docs_weights, bins, settings.seq_len)
 
 
 def format_stats(stats: dict) -> str:

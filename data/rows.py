@@ -7,6 +7,9 @@ Row fields: `input_ids`, `segment_ids` (1, 2, ... per document, 0 = padding),
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import itertools
+from typing import Callable
 
 import numpy as np
 
@@ -49,41 +52,81 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def build_rows(docs_ids, docs_weights, bins: list[list[int]], seq_len: int) -> dict[str, np.ndarray]:
-    """Rows [len(bins), seq_len], one per bin, its documents side by side."""
-    rows = {name: np.zeros((len(bins), seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
-    for r, members in enumerate(bins):
-        start = 0
-        for segment, doc in enumerate(members, start=1):
-            n = len(docs_ids[doc])
-            rows["input_ids"][r, start : start + n] = docs_ids[doc]
-            rows["segment_ids"][r, start : start + n] = segment
-            rows["positions"][r, start : start + n] = np.arange(n)
-            rows["loss_weights"][r, start : start + n] = docs_weights[doc]
-            start += n
+@dataclasses.dataclass
+class Placements:
+    """Where each piece of a document goes, in row order: row, first column, document,
+    first token taken from it, token count, and segment number within the row."""
+
+    row: np.ndarray
+    col: np.ndarray
+    doc: np.ndarray
+    src: np.ndarray
+    n: np.ndarray
+    segment: np.ndarray
+    num_rows: int
+
+    def rows(self, start: int, stop: int) -> "Placements":
+        """The placements of rows [start, stop), rows renumbered from 0."""
+        a, b = np.searchsorted(self.row, [start, stop])
+        return Placements(self.row[a:b] - start, *(f[a:b] for f in (self.col, self.doc, self.src, self.n, self.segment)),
+                          num_rows=stop - start)
+
+
+def bin_placements(bins: list[list[int]], lengths: np.ndarray) -> Placements:
+    """One row per bin, its documents side by side from column 0."""
+    counts = np.fromiter((len(b) for b in bins), np.int64, len(bins))
+    doc = np.fromiter(itertools.chain.from_iterable(bins), np.int64, int(counts.sum()))
+    n = np.asarray(lengths, np.int64)[doc]
+    first = np.cumsum(counts) - counts  # each bin's first entry
+    ends = np.cumsum(n)
+    col = ends - n - np.repeat((ends - n)[first], counts)
+    segment = np.arange(len(doc)) - np.repeat(first, counts) + 1
+    return Placements(np.repeat(np.arange(len(bins)), counts), col, doc, np.zeros_like(doc), n, segment, len(bins))
+
+
+def wrapped_placements(lengths: np.ndarray, seq_len: int) -> Placements:
+    """The seed's constant-length packing: documents concatenated in order and cut every
+    T tokens, so a document may continue in the next row. Each piece is its own segment
+    with positions from 0 and an untrained first token (nothing in its row precedes it);
+    only the last row has padding."""
+    lengths = np.asarray(lengths, np.int64)
+    start = np.cumsum(lengths) - lengths  # each document's first token in the stream
+    first_row, last_row = start // seq_len, (start + lengths - 1) // seq_len
+    spans = last_row - first_row + 1
+    doc = np.repeat(np.arange(len(lengths)), spans)
+    row = np.repeat(first_row, spans) + np.arange(len(doc)) - np.repeat(np.cumsum(spans) - spans, spans)
+    begin = np.maximum(start[doc], row * seq_len)
+    end = np.minimum(start[doc] + lengths[doc], (row + 1) * seq_len)
+    new_row = np.ones(len(row), bool)
+    new_row[1:] = row[1:] != row[:-1]
+    row_first = np.maximum.accumulate(np.where(new_row, np.arange(len(row)), 0))
+    num_rows = int(-(-lengths.sum() // seq_len))
+    return Placements(row, begin - row * seq_len, doc, begin - start[doc], end - begin,
+                      np.arange(len(row)) - row_first + 1, num_rows)
+
+
+def fill_rows(placements: Placements, seq_len: int, document: Callable[[int], tuple[np.ndarray, np.ndarray]]
+              ) -> dict[str, np.ndarray]:
+    """Rows [num_rows, seq_len] from `placements`; `document(d)` gives (ids, weights) of
+    document d. A piece's first token is never trained: nothing in its row precedes it."""
+    p = placements
+    rows = {name: np.zeros((p.num_rows, seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
+    for r, c, d, s, n, segment in zip(*(f.tolist() for f in (p.row, p.col, p.doc, p.src, p.n, p.segment))):
+        ids, weights = document(d)
+        rows["input_ids"][r, c : c + n] = ids[s : s + n]
+        rows["segment_ids"][r, c : c + n] = segment
+        rows["positions"][r, c : c + n] = np.arange(n)
+        rows["loss_weights"][r, c : c + n] = weights[s : s + n]
+        rows["loss_weights"][r, c] = 0.0
     return rows
 
 
+def build_rows(docs_ids, docs_weights, bins: list[list[int]], seq_len: int) -> dict[str, np.ndarray]:
+    """In-memory rows, one per bin (benchmarks and tests; preparation writes shards)."""
+    placements = bin_placements(bins, np.array([len(d) for d in docs_ids]))
+    return fill_rows(placements, seq_len, lambda d: (docs_ids[d], docs_weights[d]))
+
+
 def wrapped_rows(docs_ids, docs_weights, seq_len: int) -> dict[str, np.ndarray]:
-    """The seed's constant-length packing: documents concatenated in order and cut every
-    T tokens, so a document may continue in the next row. Still segment-aware: each
-    piece is its own segment with positions from 0 and an untrained first token, since
-    nothing in its row precedes it. Only the last row has padding."""
-    if not docs_ids:
-        return {name: np.zeros((0, seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
-    ids = np.concatenate(docs_ids)
-    weights = np.concatenate(docs_weights).astype(np.float32)
-    doc_of_token = np.repeat(np.arange(len(docs_ids)), [len(d) for d in docs_ids])
-    n_rows = -(-len(ids) // seq_len)
-    pad = n_rows * seq_len - len(ids)
-    ids = np.pad(ids, (0, pad)).reshape(n_rows, seq_len)
-    weights = np.pad(weights, (0, pad)).reshape(n_rows, seq_len)
-    doc = np.pad(doc_of_token, (0, pad), constant_values=-1).reshape(n_rows, seq_len)
-    starts = np.ones_like(doc, bool)
-    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]  # a new piece: a new document or a new row
-    segment_ids = np.cumsum(starts, axis=1).astype(np.int32) * (doc >= 0)
-    piece_start = np.maximum.accumulate(np.where(starts, np.arange(seq_len), 0), axis=1)
-    positions = (np.arange(seq_len) - piece_start).astype(np.int32) * (doc >= 0)
-    weights[starts] = 0.0
-    return {"input_ids": ids.astype(np.int32), "segment_ids": segment_ids, "positions": positions,
-            "loss_weights": weights * (doc >= 0)}
+    placements = wrapped_placements(np.array([len(d) for d in docs_ids], np.int64), seq_len)
+    return fill_rows(placements, seq_len, lambda d: (docs_ids[d], docs_weights[d]))

@@ -25,17 +25,21 @@ def marked_text(tokenizer, ids: np.ndarray, weights: np.ndarray) -> str:
     return "".join(parts)
 
 
-def show_rows(store: RowStore, tokenizer, count: int) -> str:
-    """The first `count` documents of the store, one block each."""
+def show_rows(store: RowStore, tokenizer, count: int, seed: int = 0) -> str:
+    """`count` documents drawn at random (seeded): one from each of up to `count` random
+    rows, then further documents of those rows if there are fewer rows than that."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.permutation(store.num_rows)[:count])
+    rows = store.read(picked)
+    order = [rng.permutation(np.unique(seg[seg > 0])) for seg in rows["segment_ids"]]
     blocks = []
-    rows = store.read(np.arange(min(store.num_rows, count)))
-    for r in range(len(rows["input_ids"])):
-        segments = rows["segment_ids"][r]
-        for segment in np.unique(segments[segments > 0]):
-            if len(blocks) == count:
-                return "\n".join(blocks)
-            at = segments == segment
-            ids, weights = rows["input_ids"][r][at], rows["loss_weights"][r][at]
-            header = f"--- row {r}, document {segment}: {len(ids)} tokens, {int((weights > 0).sum())} trained ---"
+    for depth in range(max((len(o) for o in order), default=0)):
+        for i, segments in enumerate(order):
+            if depth >= len(segments) or len(blocks) == count:
+                continue
+            at = rows["segment_ids"][i] == segments[depth]
+            ids, weights = rows["input_ids"][i][at], rows["loss_weights"][i][at]
+            header = (f"--- row {picked[i]}, document {segments[depth]}: {len(ids)} tokens, "
+                      f"{int((weights > 0).sum())} trained ---")
             blocks.append(f"{header}\n{marked_text(tokenizer, ids, weights)}")
     return "\n".join(blocks)

@@ -1,124 +1,150 @@
-"""Turn what the user passed as a dataset into a Ray Dataset of raw rows.
+"""What the user passed as a dataset, resolved to rows Ray Data tasks read, a name for
+messages and a fingerprint of its content.
 
-Rows keep their 1-based line or row number in `_row` where the source has one, so every
-error can name file, row and field. JSON lines travel as text in `_json` and are parsed
-in the Ray Data tasks: Arrow would reject rows whose fields change type from row to row.
+Files (local, a directory or glob, `s3://`, `gs://`, `hf://`) and hub datasets (through
+their data files) are read by tasks; a `datasets.IterableDataset` is streamed by tasks
+shard by shard; no row passes through the driver. Sources with no identity of their own
+(`ray.data.Dataset`, `IterableDataset`) are fingerprinted by the rows' content, hashed by
+the encoding tasks (`fingerprint` None here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
 from raysft.data.errors import DataError
+from raysft.data.files import SUFFIXES, file_fingerprint, file_size, is_remote, list_files, scan_local, storage_env
+from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER, chunk_bytes, first_columns, read_files, read_pieces
 
-ROW_NUMBER = "_row"
-RAW_JSON = "_json"
-JSON_LINES = (".jsonl", ".json")
-READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".json": "read_json"}
+STREAM_BATCH_ROWS = 1000
+
+
+@dataclasses.dataclass
+class Source:
+    name: str  # how messages name the dataset
+    read: Callable[[], ray.data.Dataset]  # raw rows; `_file` and `_row` where the source has them
+    columns: list[str]
+    fingerprint: str | None  # None: hashed from the rows' content while encoding
+    parts: list[str]  # what `_file` indexes: file paths (or stream shards), for messages
+    numbered: bool = True  # every row has `_file` and `_row`: the dataset order, whatever order tasks finish in
 
 
 def describe(source: Any) -> str:
-    """How error messages name `source`: its path, or its type for in-memory datasets."""
     if isinstance(source, (str, Path)):
         return str(source)
     return f"{type(source).__name__} passed as dataset"
 
 
-def _is_remote(source: Any) -> bool:
-    return isinstance(source, str) and "://" in source
-
-
 def looks_like_hub_dataset(source: Any) -> bool:
-    return isinstance(source, str) and not Path(source).exists() and not _is_remote(source) \
-        and len(source.split("/")) == 2 and not source.endswith(tuple(READERS))
+    return isinstance(source, str) and not Path(source).exists() and not is_remote(source) \
+        and len(source.split("/")) == 2 and not source.endswith(SUFFIXES) and "*" not in source
 
 
-def load_hub_dataset(name: str, split: str = "train", data_dir: str | None = None, kwargs: dict | None = None):
-    """`datasets.load_dataset` for a hub `dataset_name` (users with a network)."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, data_dir=data_dir, split=split, **(kwargs or {}))
-    except Exception as err:  # noqa: BLE001 - hub, network and config errors alike
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"dataset {name!r} is not a local file and loading it from the hub failed: {first}") from None
-
-
-def _read_json_lines(path: Path, on_bad_rows: str, skipped: dict[str, int]) -> tuple[ray.data.Dataset, list[str]]:
-    rows, columns = [], None
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                if on_bad_rows == "skip":
-                    skipped["invalid_utf8"] = skipped.get("invalid_utf8", 0) + 1
-                    continue
-                raise DataError(f"{path}: row {number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line:
-                continue
-            if columns is None:  # the first row names the columns the format is detected from
-                try:
-                    first = json.loads(line)
-                    columns = list(first) if isinstance(first, dict) else []
-                except ValueError:
-                    pass  # reported with its row number by the Ray Data stage
-            rows.append({RAW_JSON: line, ROW_NUMBER: number})
-    if not rows:
-        raise DataError(f"{path}: the dataset has no rows")
-    return ray.data.from_items(rows), columns or []
-
-
-def read_rows(source: Any, on_bad_rows: str = "error", skipped: dict[str, int] | None = None):
-    """(Ray Dataset of raw rows, column names). `skipped` counts rows dropped while reading."""
-    skipped = {} if skipped is None else skipped
+def resolve(source: Any, hub_options: dict | None = None) -> Source:
+    if isinstance(source, (str, Path)) and looks_like_hub_dataset(source):
+        return _hub_dataset(str(source), **(hub_options or {}))
     if isinstance(source, (str, Path)):
-        suffix = Path(str(source)).suffix
-        if suffix not in READERS:
-            raise DataError(f"{source}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
-        if not _is_remote(source):
-            path = Path(source)
-            if not path.is_file():
-                raise DataError(f"dataset file not found: {path}")
-            if suffix in JSON_LINES:
-                return _read_json_lines(path, on_bad_rows, skipped)
-            source = str(path.resolve())
-        ds = getattr(ray.data, READERS[suffix])(source)
-        return ds, [c for c in ds.columns() if c != ROW_NUMBER]
+        return _files(str(source), list_files(source))
     if isinstance(source, ray.data.Dataset):
-        return source, source.columns()
+        return Source(describe(source), lambda: source, source.columns(), None, [describe(source)], numbered=False)
     if type(source).__module__.startswith("datasets"):
-        if not hasattr(source, "__len__"):  # IterableDataset: streamed through once, as JSON rows
-            rows = [{RAW_JSON: json.dumps(row), ROW_NUMBER: i} for i, row in enumerate(source, start=1)]
-            if not rows:
-                raise DataError(f"{describe(source)}: the dataset has no rows")
-            return ray.data.from_items(rows), list(json.loads(rows[0][RAW_JSON]))
-        columns = list(source.column_names)
-        source = source.add_column(ROW_NUMBER, list(range(1, len(source) + 1)))
-        return ray.data.from_huggingface(source), columns
+        if not hasattr(source, "__len__"):
+            return _stream(source, describe(source), None)
+        def read():
+            return ray.data.from_huggingface(source.add_column(ROW_NUMBER, list(range(1, len(source) + 1))))
+
+        return Source(describe(source), read, list(source.column_names), str(source._fingerprint), [describe(source)])
     raise DataError(
-        f"unsupported dataset type {type(source).__name__}; pass a file path, a hub dataset name, "
-        "a datasets.Dataset or IterableDataset, or a ray.data.Dataset"
+        f"unsupported dataset type {type(source).__name__}; pass a file path, a directory or glob of files, "
+        "a hub dataset name, a datasets.Dataset or IterableDataset, or a ray.data.Dataset"
     )
 
 
-def fingerprint(source: Any) -> str:
-    """Identifies the source's content: file bytes, a `datasets` fingerprint, or a Ray plan."""
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        digest = hashlib.sha256()
-        with open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-    if isinstance(source, (str, Path)):
-        return str(source)  # a hub name or remote URI: the name is the identity we have
-    hf_fingerprint = getattr(source, "_fingerprint", None)
-    if hf_fingerprint:
-        return str(hf_fingerprint)
-    # A Ray Dataset carries no content hash; its logical plan is the best stable identity.
-    return hashlib.sha256(str(source).encode()).hexdigest()
+def _files(name: str, files: list[str], identity: list | None = None) -> Source:
+    """Files, fingerprinted by their content (local files are read once on the driver for
+    that, streaming, which also counts their lines for the reading tasks) unless
+    `identity` already pins it (a hub revision)."""
+    chunk = chunk_bytes(sum(file_size(f) for f in files))
+    newlines: dict[str, list[int]] = {}
+    if identity is None:
+        identity = []
+        for f in files:
+            if is_remote(f):
+                identity.append([f, file_fingerprint(f)])
+            else:
+                digest, newlines[f] = scan_local(f, chunk)
+                identity.append([f, digest])
+    return Source(name, lambda: read_files(files, chunk, newlines), first_columns(files), _digest(identity), files)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hub_dataset(name: str, split: str = "train", data_dir: str | None = None, kwargs: dict | None = None) -> Source:
+    """A hub dataset read by tasks from its data files (`hf://datasets/<name>@<commit>/...`,
+    as `datasets` resolves them for the split), or streamed by tasks where it has no plain
+    data files; fingerprinted by the resolved revision."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    kwargs = kwargs or {}
+    try:
+        revision = HfApi().dataset_info(name, revision=kwargs.get("revision")).sha
+        builder = datasets.load_dataset_builder(name, data_dir=data_dir, **kwargs)
+        data_files = (builder.config.data_files or {}).get(split) if "[" not in split else None
+        if data_files and all(str(f).endswith(SUFFIXES) for f in data_files):
+            files = sorted(str(f) for f in data_files)
+            return _files(name, files, identity=[name, split, data_dir, kwargs, revision, files])
+        stream = datasets.load_dataset(name, split=split, data_dir=data_dir, streaming=True, **kwargs)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - hub, network and config errors alike
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"dataset {name!r} is not a local file and loading it from the hub failed: {first}") from None
+    return _stream(stream, name, _digest([name, split, data_dir, kwargs, revision]), storage_env(["hf://"]))
+
+
+def _stream(stream, name: str, fingerprint: str | None, env: dict | None = None) -> Source:
+    """An IterableDataset read shard by shard in tasks, rows as JSON (Arrow would reject
+    rows whose fields change type)."""
+    shards = max(int(getattr(stream, "num_shards", 1) or 1), 1)
+    try:
+        first = next(iter(stream))
+    except StopIteration:
+        raise DataError(f"{name}: the dataset has no rows") from None
+    parts = [name] if shards == 1 else [f"{name} shard {i}" for i in range(shards)]
+
+    def read_shard(piece: dict):
+        import pyarrow as pa
+
+        shard = piece["shard"]
+        rows = stream.shard(num_shards=shards, index=shard) if shards > 1 else stream
+        lines, numbers = [], []
+        for number, row in enumerate(rows, start=1):
+            lines.append(json.dumps(row, default=str).encode())
+            numbers.append(number)
+            if len(lines) == STREAM_BATCH_ROWS:
+                yield _json_table(pa, lines, shard, numbers)
+                lines, numbers = [], []
+        if lines:
+            yield _json_table(pa, lines, shard, numbers)
+
+    def read():
+        return read_pieces("ReadIterableDataset", [{"shard": i} for i in range(shards)], read_shard, env)
+
+    return Source(name, read, list(first) if isinstance(first, dict) else [], fingerprint, parts)
+
+
+def _json_table(pa, lines: list[bytes], shard: int, numbers: list[int]):
+    return pa.table({
+        RAW_JSON: pa.array(lines, pa.binary()),
+        FILE_INDEX: pa.array([shard] * len(lines), pa.int32()),
+        ROW_NUMBER: pa.array(numbers, pa.int64()),
+    })

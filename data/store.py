@@ -1,6 +1,7 @@
 """Step-indexed store of prepared rows, so any host can read any step's batch directly.
 
-Rows are written once as `.npy` arrays [N, T]; the order for epoch `e` is a permutation
+Rows are written once, as shards of consecutive rows (`.npy` arrays [n, T] per field,
+each written by its own task); the order for epoch `e` is a permutation
 drawn from `(seed, e)`, so the rows of global step `s` are a pure function of the store,
 the seed and `s`. A restarted run reads the exact next batch without replaying anything.
 """
@@ -8,8 +9,6 @@ the seed and `s`. A restarted run reads the exact next batch without replaying a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,8 @@ from raysft.data.rows import ROW_FIELDS
 META_FILE = "meta.json"
 
 
-def write_store(out_dir: Path, rows: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write rows atomically: readers never see a half-written store."""
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ROW_FIELDS:
-        np.save(tmp / f"{name}.npy", rows[name])
-    num_rows, seq_len = rows["input_ids"].shape
-    (tmp / META_FILE).write_text(json.dumps(dict(meta, num_rows=num_rows, seq_len=seq_len), indent=2))
-    if out_dir.exists():
-        shutil.rmtree(tmp)  # another process finished the same store first
-    else:
-        tmp.rename(out_dir)
-    return out_dir
+def shard_file(store_dir: Path, name: str, index: int) -> Path:
+    return store_dir / f"{name}.{index:05d}.npy"
 
 
 class RowStore:
@@ -42,7 +29,11 @@ class RowStore:
         self.num_rows: int = self.meta["num_rows"]
         self.seq_len: int = self.meta["seq_len"]
         self.fingerprint: str = self.meta["fingerprint"]
-        self._arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ROW_FIELDS}
+        self._starts = np.cumsum([0] + self.meta["shard_rows"])
+        self._shards = [
+            {name: np.load(shard_file(self.path, name, i), mmap_mode="r") for name in ROW_FIELDS}
+            for i in range(len(self.meta["shard_rows"]))
+        ]
         self._order_key: tuple[int, int] | None = None
         self._order = np.empty(0, np.int64)
 
@@ -67,11 +58,14 @@ class RowStore:
 
     def read(self, row_indices: np.ndarray, columns: slice = slice(None)) -> dict[str, np.ndarray]:
         """Rows by index; an index of -1 yields an empty row (all padding, zero weight)."""
-        valid = row_indices >= 0
+        row_indices = np.asarray(row_indices, np.int64)
+        shard = np.searchsorted(self._starts, row_indices, side="right") - 1
         out = {}
-        for name, array in self._arrays.items():
-            block = np.zeros((len(row_indices), array.shape[1]), array.dtype)[:, columns]
-            block[valid] = array[row_indices[valid]][:, columns]
+        for name, dtype in ROW_FIELDS.items():
+            block = np.zeros((len(row_indices), self.seq_len), dtype)[:, columns]
+            for s in np.unique(shard[row_indices >= 0]):
+                at = (shard == s) & (row_indices >= 0)
+                block[at] = self._shards[s][name][row_indices[at] - self._starts[s]][:, columns]
             out[name] = block
         return out
 

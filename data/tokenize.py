@@ -1,15 +1,23 @@
-"""Ray Data stage: raw rows to token ids and loss weights, one output per row piece.
+"""Ray Data stage: raw rows to token ids and loss weights, one document per row piece.
 
-Runs in `map_batches` actors, so the tokenizer is loaded once per worker process. A row
-that cannot be used raises `BadRow` naming file, row and field, or with
+Runs in `map_batches` actors, so the tokenizer is loaded once per worker process. Each
+batch's documents go to one shard of files in `docs_dir` on the shared store (token ids
+and loss weights, back to back); what comes back to the driver is small: per document its
+key (file, row, piece), length and place in the shard, for the packing plan and the stats.
+A row that cannot be used raises `BadRow` naming file, row and field, or with
 `on_bad_rows="skip"` comes back as a dropped record counted by its reason. Rows dropped
 by policy (over-length with `truncation="drop"`, nothing left to train) are always
-counted, never an error.
+counted, never an error. Where the source has no identity of its own, each row's content
+is hashed here (two 64-bit lanes, summed by the driver: the same rows give the same sum
+in any order or split into any batches).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -17,32 +25,42 @@ import numpy as np
 from raysft.data.encode import Encoder
 from raysft.data.errors import BadRow
 from raysft.data.formats import to_example
+from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER
 from raysft.data.settings import DataSettings
-from raysft.data.sources import RAW_JSON, ROW_NUMBER
 
 POLICY_DROPS = ("too_long", "no_trained_tokens")
-OUTPUT_COLUMNS = ("input_ids", "loss_weights", "row", "piece", "dropped", "truncated_tokens", "dropped_turns")
+DOC_FILES = ("ids", "weights")
+
+
+def doc_file(docs_dir: str | Path, shard: str, name: str) -> Path:
+    return Path(docs_dir) / f"{shard}.{name}.npy"
 
 
 class EncodeRows:
-    def __init__(self, tokenizer_dir: str, settings: dict, fmt: str, source_name: str,
-                 formatting_func: Callable | None = None):
+    def __init__(self, tokenizer_dir: str, settings: dict, fmt: str, parts: list[str], docs_dir: str,
+                 formatting_func: Callable | None = None, hash_rows: bool = False):
         from transformers import AutoTokenizer
 
         self.settings = DataSettings(**settings)
         self.encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir), self.settings)
-        self.fmt, self.source_name, self.formatting_func = fmt, source_name, formatting_func
+        self.fmt, self.parts, self.formatting_func = fmt, parts, formatting_func
+        self.docs_dir, self.hash_rows = docs_dir, hash_rows
 
     def _where(self, row: dict[str, Any]) -> str:
+        part = self.parts[row.get(FILE_INDEX) or 0]
         if row.get(ROW_NUMBER) is not None:
-            return f"{self.source_name}: row {row[ROW_NUMBER]}"
+            return f"{part}: row {row[ROW_NUMBER]}"
         preview = {k: v for k, v in row.items() if not k.startswith("_")}
-        return f"{self.source_name}: row {repr(preview)[:80]}"
+        return f"{part}: row {repr(preview)[:80]}"
 
     def _example(self, row: dict[str, Any], where: str):
         if RAW_JSON in row:
             try:
-                row = json.loads(row[RAW_JSON])
+                text = row[RAW_JSON].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BadRow(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})", "invalid_utf8") from None
+            try:
+                row = json.loads(text)
             except ValueError as err:
                 raise BadRow(f"{where}: malformed JSON line ({err})", "malformed_json") from None
             if not isinstance(row, dict):
@@ -53,43 +71,60 @@ class EncodeRows:
         if err.reason not in POLICY_DROPS and self.settings.on_bad_rows != "skip":
             raise err
 
+    @staticmethod
+    def _content_hash(row: dict[str, Any]) -> tuple[int, int]:
+        content = row[RAW_JSON] if RAW_JSON in row else json.dumps(
+            {k: v for k, v in row.items() if not k.startswith("_")}, sort_keys=True, default=str
+        ).encode()
+        digest = hashlib.blake2b(content, digest_size=16).digest()
+        return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
     def __call__(self, table) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-
-        def emit(ids, weights, number, piece=0, dropped="", truncated=0, turns=0):
-            for name, value in zip(OUTPUT_COLUMNS, (ids, weights, number, piece, dropped, truncated, turns)):
-                out[name].append(value)
-
-        empty_ids, empty_weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        parsed = []  # (row number, where, example or the BadRow it raised)
+        records: list[tuple] = []  # (file, row, piece, length, offset, dropped, truncated, turns, trained, max id, h0, h1)
+        ids_out, weights_out, offset = [], [], 0
+        parsed = []  # (row, where, example or the BadRow it raised, content hash)
         for row in table.to_pylist():
             where = self._where(row)
+            digest = self._content_hash(row) if self.hash_rows else (0, 0)
             try:
-                parsed.append((row.get(ROW_NUMBER) or 0, where, self._example(row, where)))
+                parsed.append((row, where, self._example(row, where), digest))
             except BadRow as err:
                 self._skip_or_raise(err)
-                parsed.append((row.get(ROW_NUMBER) or 0, where, err))
-        self.encoder.tokenize_texts([e for _, _, e in parsed if not isinstance(e, BadRow)])
-        for number, where, example in parsed:
+                parsed.append((row, where, err, digest))
+        self.encoder.tokenize_texts([e for _, _, e, _ in parsed if not isinstance(e, BadRow)])
+        for row, where, example, digest in parsed:
+            key = (row.get(FILE_INDEX) or 0, row.get(ROW_NUMBER) or 0)
             try:
                 if isinstance(example, BadRow):
                     raise example
                 encoded = self.encoder.encode(example, where)
             except BadRow as err:
                 self._skip_or_raise(err)
-                emit(empty_ids, empty_weights, number, dropped=err.reason)
+                records.append((*key, 0, 0, 0, err.reason, 0, 0, 0.0, -1, *digest))
                 continue
             for i, (ids, weights) in enumerate(encoded.pieces):
                 first = i == 0
-                emit(ids, weights, number, i, truncated=encoded.truncated_tokens if first else 0,
-                     turns=encoded.dropped_turns if first else 0)
-        return {
-            name: _ragged(values) if name in ("input_ids", "loss_weights") else np.asarray(values)
-            for name, values in out.items()
-        }
+                records.append((
+                    *key, i, len(ids), offset, "", encoded.truncated_tokens if first else 0,
+                    encoded.dropped_turns if first else 0, float(weights.sum()), int(ids.max(initial=-1)),
+                    *(digest if first else (0, 0)),
+                ))
+                ids_out.append(ids)
+                weights_out.append(weights)
+                offset += len(ids)
+        shard = ""
+        if ids_out:
+            shard = uuid.uuid4().hex
+            for name, pieces in zip(DOC_FILES, (ids_out, weights_out)):
+                np.save(doc_file(self.docs_dir, shard, name), np.concatenate(pieces))
+        columns = list(zip(*records)) if records else [()] * 12
+        out = {name: np.asarray(values, dtype) for (name, dtype), values in zip(RECORD_COLUMNS.items(), columns)}
+        out["shard"] = np.full(len(records), shard)
+        return out
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
+RECORD_COLUMNS = {
+    "file": np.int32, "row": np.int64, "piece": np.int32, "length": np.int64, "offset": np.int64,
+    "dropped": str, "truncated_tokens": np.int64, "dropped_turns": np.int64, "trained": np.float64,
+    "max_id": np.int64, "hash0": np.uint64, "hash1": np.uint64,
+}

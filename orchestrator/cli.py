@@ -55,7 +55,7 @@ class PreprocessCommand(SFTCommand):
 
     model_config = SettingsConfigDict(cli_prog_name="raysft preprocess")
 
-    show: int = Field(3, ge=0, description="Examples to print with the trained tokens marked.")
+    show: int = Field(3, ge=0, description="Prepared examples to print, drawn at random (seeded by --seed), with the trained tokens marked.")
 
 
 class PlanCommand(SFTCommand):
@@ -144,8 +144,8 @@ def run_preprocess(argv: list[str]) -> int:
         config, launch = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
         tokenizer_dir, train_store, _ = _trainer(config, launch).prepare_data()
         if launch["show"]:
-            print(f"\n{launch['show']} prepared examples; trained tokens are inside [[ ]]:")
-            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), launch["show"]))
+            print(f"\n{launch['show']} prepared examples drawn at random (seed {config.seed}); trained tokens are inside [[ ]]:")
+            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), launch["show"], config.seed))
         print(f"\nprepared rows: {train_store.path}")
         return 0
 

@@ -12,13 +12,28 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "orchestrator" / "__init__.py").is_file():
     __path__.append(str(_checkout))
 
-from raysft.orchestrator.config import Optimizers, Schedulers, SFTConfig  # noqa: E402
-from raysft.orchestrator.export import ExportFailed, export_checkpoint  # noqa: E402
-from raysft.orchestrator.plan import DoesNotFit, Plan, plan  # noqa: E402
-from raysft.orchestrator.trainer import SFTTrainer, TrainingFailed, TrainOutput  # noqa: E402
-from raysft.workers.models.auto import AutoModelForCausalLM, CausalLM  # noqa: E402
+# The public names load on first use, so a Ray task or actor that imports one data module
+# (tokenizing, reading, writing rows) does not pay for JAX, Flax and the models.
+_EXPORTS = {
+    "Optimizers": "raysft.orchestrator.config", "Schedulers": "raysft.orchestrator.config",
+    "SFTConfig": "raysft.orchestrator.config", "ExportFailed": "raysft.orchestrator.export",
+    "export_checkpoint": "raysft.orchestrator.export", "DoesNotFit": "raysft.orchestrator.plan",
+    "Plan": "raysft.orchestrator.plan", "plan": "raysft.orchestrator.plan", "SFTTrainer": "raysft.orchestrator.trainer",
+    "TrainingFailed": "raysft.orchestrator.trainer", "TrainOutput": "raysft.orchestrator.trainer",
+    "AutoModelForCausalLM": "raysft.workers.models.auto", "CausalLM": "raysft.workers.models.auto",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "AutoModelForCausalLM", "CausalLM", "DoesNotFit", "ExportFailed", "Optimizers", "Plan", "Schedulers", "SFTConfig",
-    "SFTTrainer", "TrainOutput", "TrainingFailed", "export_checkpoint", "plan",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'raysft' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -155,3 +155,24 @@ def chat_model_dir(tmp_path_factory, chat_tokenizer_dirs) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's) on 127.0.0.1, for the session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_endpoint, monkeypatch):
+    """The standard AWS environment pointing at the server (credentials it accepts)."""
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    return s3_endpoint

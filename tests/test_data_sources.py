@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
+import numpy as np
 import pytest
 
 from conftest import write_jsonl
@@ -123,3 +125,100 @@ def test_unreachable_hub_dataset_is_one_line(local_ray, tmp_path, tokenizer_dir,
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="^dataset 'someone/missing-dataset' is not a local file and loading it from the hub failed: "):
         _prepare("someone/missing-dataset", tokenizer_dir, tmp_path)
+
+
+def test_json_lines_read_in_byte_ranges_equal_the_lines(local_ray, tmp_path):
+    """Ranges cut anywhere (inside lines, at newlines, inside multi-byte characters) give
+    every non-blank line exactly once, with its line number."""
+    from raysft.data.readers import RAW_JSON, ROW_NUMBER, read_files
+
+    lines = ['{"text": "a"}', "", '{"text": "' + "é" * 40 + '"}', "   ", '{"text": "long ' + "x" * 300 + '"}', '{"t": 1}\r']
+    lines += [json.dumps({"text": f"row {i}"}) for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes("\n".join(lines).encode())  # no newline at the end
+    expected = [(number, line.encode()) for number, line in enumerate(lines, start=1) if line.strip()]
+    for chunk in (7, 64, 301, 10**6):
+        rows = read_files([str(path)], chunk).take_all()
+        assert [(r[ROW_NUMBER], r[RAW_JSON]) for r in rows] == expected, chunk
+
+
+def test_directory_glob_and_errors_name_the_file(local_ray, tmp_path, tokenizer_dir):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": "the cat"}] * 3)
+    (folder / "b.jsonl").write_text('{"text": "the dog"}\n{"text": 7}\n')
+    with pytest.raises(DataError, match=f"^{folder / 'b.jsonl'}: row 2: field 'text' holds int 7"):
+        _prepare(folder, tokenizer_dir, tmp_path / "dir")
+    (folder / "b.jsonl").write_text('{"text": "the dog"}\n')
+    by_dir = _prepare(folder, tokenizer_dir, tmp_path / "dir")
+    by_glob = _prepare(str(folder / "*.jsonl"), tokenizer_dir, tmp_path / "glob")
+    assert by_dir.meta["documents"] == by_glob.meta["documents"] == 4
+    assert by_dir.fingerprint == by_glob.fingerprint  # the same files, the same content
+    with pytest.raises(DataError, match="no dataset files"):
+        _prepare(str(tmp_path / "nothing" / "*.jsonl"), tokenizer_dir, tmp_path / "none")
+
+
+def test_failed_preparation_leaves_no_store(local_ray, tmp_path, tokenizer_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "the cat"})] * 50 + ['{"text": null}']) + "\n")
+    with pytest.raises(DataError, match="row 51: missing field 'text'"):
+        _prepare(path, tokenizer_dir, tmp_path)
+    assert list((tmp_path / "s").iterdir()) == []  # nothing half-written for a later run to reuse
+
+
+@pytest.mark.parametrize("kind", ["ray", "iterable", "datasets"])
+def test_in_memory_datasets_are_fingerprinted_by_content(local_ray, tmp_path, tokenizer_dir, kind):
+    """A changed dataset is never mistaken for the prepared one; the same rows again (in
+    other blocks, for Ray) reuse it."""
+    import datasets
+    import ray
+
+    rows = [{"text": f"the cat sat {i}"} for i in range(12)]
+    changed = rows[:5] + [{"text": "the dog sat"}] + rows[6:]
+
+    def make(data, blocks=1):
+        if kind == "ray":
+            return ray.data.from_items(data, override_num_blocks=blocks)
+        table = datasets.Dataset.from_list(data)
+        return table.to_iterable_dataset() if kind == "iterable" else table
+
+    source = make(rows)
+    first = _prepare(source, tokenizer_dir, tmp_path)
+    lines = []
+    # `datasets` gives an in-memory table a random fingerprint: only that same object is it.
+    same = source if kind == "datasets" else make(rows, blocks=3)
+    again = prepare_dataset(same, tokenizer_dir, DataSettings(seq_len=32), tmp_path / "s", report=lines.append)
+    assert again.fingerprint == first.fingerprint and "prepared before" in lines[0]
+    other = _prepare(make(changed), tokenizer_dir, tmp_path)
+    assert other.fingerprint != first.fingerprint
+    assert other.meta["tokens"] != first.meta["tokens"] or other.read([5])["input_ids"].tolist() != first.read([5])["input_ids"].tolist()
+
+
+def test_s3_objects_are_read_by_tasks_and_fingerprinted_by_their_metadata(local_ray, tmp_path, tokenizer_dir, s3_server):
+    """A real S3-compatible server on 127.0.0.1: the same rows as the local file, errors
+    name the object and line, and a rewritten object is prepared again."""
+    import boto3
+
+    rows = [{"text": f"the cat sat {i}"} for i in range(8)]
+    local = write_jsonl(tmp_path / "d.jsonl", rows)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="data")
+    client.put_object(Bucket="data", Key="chat/d.jsonl", Body=local.read_bytes())
+    from_s3 = _prepare("s3://data/chat/d.jsonl", tokenizer_dir, tmp_path / "s3")
+    from_disk = _prepare(local, tokenizer_dir, tmp_path / "disk")
+    assert from_s3.meta["tokens"] == from_disk.meta["tokens"] and from_s3.meta["rows_read"] == 8
+    for name in ("input_ids", "loss_weights"):
+        assert np.array_equal(from_s3.read(np.arange(from_s3.num_rows))[name],
+                              from_disk.read(np.arange(from_disk.num_rows))[name])
+    lines = []
+    prepare_dataset("s3://data/chat/d.jsonl", tokenizer_dir, DataSettings(seq_len=32), tmp_path / "s3" / "s",
+                    report=lines.append)
+    assert "prepared before" in lines[0]
+    time.sleep(1.1)  # S3 modification times are whole seconds
+    client.put_object(Bucket="data", Key="chat/d.jsonl", Body=local.read_bytes() + b'{"text": 3}\n')
+    with pytest.raises(DataError, match=r"^s3://data/chat/d.jsonl: row 9: field 'text' holds int 3"):
+        _prepare("s3://data/chat/d.jsonl", tokenizer_dir, tmp_path / "s3")
+    with pytest.raises(DataError, match=r"^dataset not found: s3://data/missing.jsonl$"):
+        _prepare("s3://data/missing.jsonl", tokenizer_dir, tmp_path / "s3")
+    with pytest.raises(DataError, match=r"^ftp://x/d.jsonl: unsupported URI scheme 'ftp'"):
+        _prepare("ftp://x/d.jsonl", tokenizer_dir, tmp_path / "s3")

@@ -63,9 +63,19 @@ def test_killed_node_resumes_from_latest_step_bit_identical(scenarios):
     # between the listing and the kill is later still).
     assert starts[0] == 0 and starts[1] >= latest_at_kill >= 10
     assert killed["summary"]["start_step"] == starts[1] and killed["summary"]["final_step"] == 60
-    # Steps between the checkpoint and the kill were trained twice; the step records show it.
-    steps = [r["step"] for r in killed["records"] if r["event"] == "step"]
-    assert steps[-1] == 60 and len(steps) > 60
+    # Each attempt's steps run on from where it started: the first up to the kill (at or
+    # past the checkpoint it is resumed from), the second from that checkpoint to the end,
+    # so the steps between the checkpoint and the kill are the ones trained twice.
+    attempts, steps = [], None
+    for record in killed["records"]:
+        if record["event"] == "start":
+            steps = []
+            attempts.append(steps)
+        elif record["event"] == "step":
+            steps.append(record["step"])
+    first, second = attempts
+    assert first == list(range(1, len(first) + 1)) and len(first) >= starts[1]
+    assert second == list(range(starts[1] + 1, 61))
     _assert_bit_identical(_params(base["export_dir"]), _params(killed["export_dir"]))
 
 

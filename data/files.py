@@ -1,0 +1,143 @@
+"""Dataset files wherever they live: a local path, a directory or glob of files, or an
+object-storage / hub URI (`s3://`, `gs://`, `hf://`), opened the same way by every task.
+
+pyarrow's filesystems read S3 (credentials and `AWS_ENDPOINT_URL` from the standard
+environment) and GCS natively; `hf://` goes through huggingface_hub's fsspec filesystem.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+from raysft.data.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf")
+# Where object stores and the hub take credentials and endpoints from; the reading tasks
+# get the driver's, whatever environment their nodes were started with.
+STORAGE_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN", "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+)
+
+
+def is_remote(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def storage_env(files: list[str]) -> dict[str, str]:
+    if not any(is_remote(f) for f in files):
+        return {}
+    return {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
+
+
+def filesystem(url: str):
+    """(pyarrow FileSystem, path inside it) for a local path or a remote URI."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(url):
+        return pafs.LocalFileSystem(), str(Path(url).resolve())
+    scheme, rest = url.split("://", 1)
+    if scheme not in REMOTE_SCHEMES:
+        raise DataError(f"{url}: unsupported URI scheme {scheme!r}; use a local path or one of "
+                        + ", ".join(f"{s}://" for s in REMOTE_SCHEMES))
+    if scheme == "hf":
+        from huggingface_hub import HfFileSystem
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), rest
+    try:
+        fs, path = pafs.FileSystem.from_uri(url)
+    except Exception as err:  # noqa: BLE001 - bad bucket names, missing credentials alike
+        raise DataError(f"{url}: cannot open: {_first_line(err)}") from None
+    return fs, path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def list_files(source: str | Path) -> list[str]:
+    """The dataset files `source` names: one file, a directory's files (recursively) or a
+    glob, sorted, so every run reads them in one order."""
+    text = str(source)
+    if is_remote(text):
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(text)
+        try:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                scheme = text.split("://", 1)[0]
+                found = sorted(f"{scheme}://{i.path}" for i in infos if i.is_file and i.path.endswith(SUFFIXES))
+            elif info.type == pafs.FileType.File:
+                found = [text]
+            else:
+                raise DataError(f"dataset not found: {text}")
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - network, credentials, missing bucket
+            raise DataError(f"{text}: cannot read: {_first_line(err)}") from None
+    else:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        elif path.is_file():
+            found = [str(path)]
+        elif glob.has_magic(text):
+            found = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        else:
+            raise DataError(f"dataset file not found: {path}")
+    if not found:
+        raise DataError(f"{text}: no dataset files ({', '.join(SUFFIXES)}) there")
+    suffixes = {Path(f).suffix for f in found}
+    unsupported = suffixes - set(SUFFIXES)
+    if unsupported:
+        raise DataError(f"{text}: unsupported file type {sorted(unsupported)[0]!r}; use .jsonl, .json, .parquet or .csv")
+    if len(suffixes) > 1:
+        raise DataError(f"{text}: mixes file types {', '.join(sorted(suffixes))}; give one type per dataset")
+    return found
+
+
+def scan_local(path: str, chunk_bytes: int) -> tuple[str, list[int]]:
+    """A local file's sha256 and the newlines in each `chunk_bytes` range, in one read."""
+    digest, counts = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+            counts.append(chunk.count(b"\n"))
+    return digest.hexdigest(), counts
+
+
+def file_fingerprint(url: str) -> str:
+    """A local file by its bytes; a remote object by what its store says of its content
+    (size, modification time and, on the hub, the revision in the URI or the blob id),
+    so a changed object is never mistaken for the prepared one without downloading it."""
+    if not is_remote(url):
+        digest = hashlib.sha256()
+        with open(url, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    fs, path = filesystem(url)
+    try:
+        info = fs.get_file_info(path)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{url}: cannot read: {_first_line(err)}") from None
+    identity = [url, info.size, info.mtime_ns]
+    if url.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        details = HfFileSystem().info(path)
+        identity.append(details.get("blob_id") or (details.get("lfs") or {}).get("sha256"))
+    return hashlib.sha256(repr(identity).encode()).hexdigest()
+
+
+def file_size(url: str) -> int:
+    fs, path = filesystem(url)
+    return fs.get_file_info(path).size

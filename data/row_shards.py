@@ -1,0 +1,83 @@
+"""Rows written by Ray tasks from the packing plan: each task builds a contiguous range of
+row ids from the encoded documents on the shared store and writes it as its own shard,
+so neither the driver nor any one task holds the dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+
+from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
+from raysft.data.store import shard_file
+from raysft.data.tokenize import doc_file
+
+SHARD_BYTES = 128 << 20
+
+
+@dataclasses.dataclass
+class Documents:
+    """What the driver holds of the encoded documents, in dataset order: lengths and where
+    each one's tokens are (a shard of `docs_dir` and the offset in it)."""
+
+    length: np.ndarray
+    shard: np.ndarray  # index into shard_names
+    offset: np.ndarray
+    shard_names: list[str]
+
+
+def rows_per_shard(seq_len: int) -> int:
+    bytes_per_row = seq_len * sum(np.dtype(t).itemsize for t in ROW_FIELDS.values())
+    return max(1, SHARD_BYTES // bytes_per_row)
+
+
+def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, store_dir: Path, seq_len: int,
+                     shard_rows: int, progress: Callable[[int], None] | None = None) -> list[int]:
+    """Row shards of `shard_rows` rows (the last one shorter), one task each, spread over
+    the cluster's nodes; returns the row count of each shard."""
+    bounds = list(range(0, placements.num_rows, shard_rows)) + [placements.num_rows]
+    pending = {}
+    for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = placements.rows(start, stop)
+        needed = np.unique(part.doc)
+        locations = {name: values[needed] for name, values in
+                     (("length", docs.length), ("shard", docs.shard), ("offset", docs.offset))}
+        names = [docs.shard_names[s] for s in np.unique(locations["shard"])]
+        task = _write_shard.remote(str(store_dir), index, part, needed, locations, names, str(docs_dir), seq_len)
+        pending[task] = stop - start
+    remaining = list(pending)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        ray.get(done[0])
+        if progress:
+            progress(pending[done[0]])
+    return list(pending.values())
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def _write_shard(store_dir: str, index: int, part: Placements, needed: np.ndarray, locations: dict,
+                 shard_names: list[str], docs_dir: str, seq_len: int) -> None:
+    files = {}
+
+    def load(shard: int):
+        name = shard_names_by_index[shard]
+        if name not in files:
+            files[name] = tuple(np.load(doc_file(docs_dir, name, f), mmap_mode="r") for f in ("ids", "weights"))
+        return files[name]
+
+    shard_names_by_index = dict(zip(np.unique(locations["shard"]).tolist(), shard_names))
+    where = {d: i for i, d in enumerate(needed.tolist())}
+
+    def document(d: int):
+        i = where[d]
+        ids, weights = load(int(locations["shard"][i]))
+        a = int(locations["offset"][i])
+        b = a + int(locations["length"][i])
+        return ids[a:b], weights[a:b]
+
+    rows = fill_rows(part, seq_len, document)
+    for name, array in rows.items():
+        np.save(shard_file(Path(store_dir), name, index), array)

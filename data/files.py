@@ -114,16 +114,10 @@ def scan_local(path: str, chunk_bytes: int) -> tuple[str, list[int]]:
     return digest.hexdigest(), counts
 
 
-def file_fingerprint(url: str) -> str:
-    """A local file by its bytes; a remote object by what its store says of its content
-    (size, modification time and, on the hub, the revision in the URI or the blob id),
-    so a changed object is never mistaken for the prepared one without downloading it."""
-    if not is_remote(url):
-        digest = hashlib.sha256()
-        with open(url, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+def remote_fingerprint(url: str) -> str:
+    """A remote object by what its store says of its content (size, modification time
+    and, on the hub, the revision in the URI or the blob id), so a changed object is never
+    mistaken for the prepared one, without downloading it."""
     fs, path = filesystem(url)
     try:
         info = fs.get_file_info(path)

@@ -13,7 +13,7 @@ import ray
 
 from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
 from raysft.data.store import shard_file
-from raysft.data.tokenize import doc_file
+from raysft.data.tokenize import DOC_FILES, doc_file
 
 SHARD_BYTES = 128 << 20
 
@@ -42,12 +42,9 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, st
     pending = {}
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = placements.rows(start, stop)
-        needed = np.unique(part.doc)
-        locations = {name: values[needed] for name, values in
-                     (("length", docs.length), ("shard", docs.shard), ("offset", docs.offset))}
-        names = [docs.shard_names[s] for s in np.unique(locations["shard"])]
-        task = _write_shard.remote(str(store_dir), index, part, needed, locations, names, str(docs_dir), seq_len)
-        pending[task] = stop - start
+        needed = np.unique(part.doc).tolist()
+        places = {d: (docs.shard_names[docs.shard[d]], int(docs.offset[d]), int(docs.length[d])) for d in needed}
+        pending[_write_shard.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
     remaining = list(pending)
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1)
@@ -58,25 +55,17 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, st
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def _write_shard(store_dir: str, index: int, part: Placements, needed: np.ndarray, locations: dict,
-                 shard_names: list[str], docs_dir: str, seq_len: int) -> None:
-    files = {}
-
-    def load(shard: int):
-        name = shard_names_by_index[shard]
-        if name not in files:
-            files[name] = tuple(np.load(doc_file(docs_dir, name, f), mmap_mode="r") for f in ("ids", "weights"))
-        return files[name]
-
-    shard_names_by_index = dict(zip(np.unique(locations["shard"]).tolist(), shard_names))
-    where = {d: i for i, d in enumerate(needed.tolist())}
+def _write_shard(store_dir: str, index: int, part: Placements, places: dict[int, tuple[str, int, int]],
+                 docs_dir: str, seq_len: int) -> None:
+    """`places`: each document's encoded shard, offset and length."""
+    opened: dict[str, tuple[np.ndarray, ...]] = {}
 
     def document(d: int):
-        i = where[d]
-        ids, weights = load(int(locations["shard"][i]))
-        a = int(locations["offset"][i])
-        b = a + int(locations["length"][i])
-        return ids[a:b], weights[a:b]
+        shard, offset, length = places[d]
+        if shard not in opened:
+            opened[shard] = tuple(np.load(doc_file(docs_dir, shard, f), mmap_mode="r") for f in DOC_FILES)
+        ids, weights = opened[shard]
+        return ids[offset : offset + length], weights[offset : offset + length]
 
     rows = fill_rows(part, seq_len, document)
     for name, array in rows.items():

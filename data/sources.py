@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ray
 
 from raysft.data.errors import DataError
-from raysft.data.files import SUFFIXES, file_fingerprint, file_size, is_remote, list_files, scan_local, storage_env
+from raysft.data.files import SUFFIXES, file_size, is_remote, list_files, remote_fingerprint, scan_local, storage_env
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER, chunk_bytes, first_columns, read_files, read_pieces
 
 STREAM_BATCH_ROWS = 1000
@@ -69,18 +69,20 @@ def resolve(source: Any, hub_options: dict | None = None) -> Source:
 def _files(name: str, files: list[str], identity: list | None = None) -> Source:
     """Files, fingerprinted by their content (local files are read once on the driver for
     that, streaming, which also counts their lines for the reading tasks) unless
-    `identity` already pins it (a hub revision)."""
-    chunk = chunk_bytes(sum(file_size(f) for f in files))
+    `identity` already pins it (a hub revision). Messages name the files as given; tasks
+    open them by absolute path (Ray's workers run in another directory)."""
+    urls = [f if is_remote(f) else str(Path(f).resolve()) for f in files]
+    chunk = chunk_bytes(sum(file_size(u) for u in urls))
     newlines: dict[str, list[int]] = {}
     if identity is None:
         identity = []
-        for f in files:
-            if is_remote(f):
-                identity.append([f, file_fingerprint(f)])
+        for url in urls:
+            if is_remote(url):
+                identity.append(remote_fingerprint(url))
             else:
-                digest, newlines[f] = scan_local(f, chunk)
-                identity.append([f, digest])
-    return Source(name, lambda: read_files(files, chunk, newlines), first_columns(files), _digest(identity), files)
+                digest, newlines[url] = scan_local(url, chunk)
+                identity.append(digest)
+    return Source(name, lambda: read_files(urls, chunk, newlines), first_columns(urls), _digest(identity), files)
 
 
 def _digest(value) -> str:
@@ -114,7 +116,7 @@ def _hub_dataset(name: str, split: str = "train", data_dir: str | None = None, k
 def _stream(stream, name: str, fingerprint: str | None, env: dict | None = None) -> Source:
     """An IterableDataset read shard by shard in tasks, rows as JSON (Arrow would reject
     rows whose fields change type)."""
-    shards = max(int(getattr(stream, "num_shards", 1) or 1), 1)
+    shards = max(int(getattr(stream, "num_shards", None) or getattr(stream, "n_shards", 1) or 1), 1)
     try:
         first = next(iter(stream))
     except StopIteration:

@@ -3,7 +3,8 @@ messages and a fingerprint of its content.
 
 Files (local, a directory or glob, `s3://`, `gs://`, `hf://`) and hub datasets (through
 their data files) are read by tasks; a `datasets.IterableDataset` is streamed by tasks
-shard by shard; no row passes through the driver. Sources with no identity of their own
+shard by shard; none of their rows passes through the driver (a `datasets.Dataset` or
+`ray.data.Dataset` the user built is handed to Ray Data as it is). Sources with no identity of their own
 (`ray.data.Dataset`, `IterableDataset`) are fingerprinted by the rows' content, hashed by
 the encoding tasks (`fingerprint` None here).
 """
@@ -56,6 +57,7 @@ def resolve(source: Any, hub_options: dict | None = None) -> Source:
     if type(source).__module__.startswith("datasets"):
         if not hasattr(source, "__len__"):
             return _stream(source, describe(source), None)
+
         def read():
             return ray.data.from_huggingface(source.add_column(ROW_NUMBER, list(range(1, len(source) + 1))))
 

@@ -52,11 +52,12 @@ def filesystem(url: str):
     try:
         fs, path = pafs.FileSystem.from_uri(url)
     except Exception as err:  # noqa: BLE001 - bad bucket names, missing credentials alike
-        raise DataError(f"{url}: cannot open: {_first_line(err)}") from None
+        raise DataError(f"{url}: cannot open: {first_line(err)}") from None
     return fs, path
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An error's first line: what a one-line message quotes of a library's error."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -82,7 +83,7 @@ def list_files(source: str | Path) -> list[str]:
         except DataError:
             raise
         except Exception as err:  # noqa: BLE001 - network, credentials, missing bucket
-            raise DataError(f"{text}: cannot read: {_first_line(err)}") from None
+            raise DataError(f"{text}: cannot read: {first_line(err)}") from None
     else:
         path = Path(text)
         if path.is_dir():
@@ -104,13 +105,23 @@ def list_files(source: str | Path) -> list[str]:
     return found
 
 
+def count_newlines(url: str, chunk_bytes: int, digest=None) -> list[int]:
+    """The newlines in each `chunk_bytes` range of a file, read once; `digest` (a hashlib
+    object) is fed the same bytes on the way."""
+    fs, path = filesystem(url)
+    counts = []
+    with fs.open_input_stream(path) as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            if digest is not None:
+                digest.update(chunk)
+            counts.append(chunk.count(b"\n"))
+    return counts
+
+
 def scan_local(path: str, chunk_bytes: int) -> tuple[str, list[int]]:
     """A local file's sha256 and the newlines in each `chunk_bytes` range, in one read."""
-    digest, counts = hashlib.sha256(), []
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(chunk)
-            counts.append(chunk.count(b"\n"))
+    digest = hashlib.sha256()
+    counts = count_newlines(path, chunk_bytes, digest)
     return digest.hexdigest(), counts
 
 
@@ -122,7 +133,7 @@ def remote_fingerprint(url: str) -> str:
     try:
         info = fs.get_file_info(path)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"{url}: cannot read: {_first_line(err)}") from None
+        raise DataError(f"{url}: cannot read: {first_line(err)}") from None
     identity = [url, info.size, info.mtime_ns]
     if url.startswith("hf://"):
         from huggingface_hub import HfFileSystem

@@ -75,11 +75,10 @@ def prepare_dataset(
     context = ray.data.DataContext.get_current()
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
     context.raise_original_map_exception = True
+    src = sources.resolve(source, hub_options)  # its datasets are made later, by `src.read()`
     # Same documents in the same order on every run (the packing plan depends on it):
     # sources with row numbers are put in order by the driver, the others by Ray Data,
     # which then holds finished batches back behind slower ones.
-    context.execution_options.preserve_order = True
-    src = sources.resolve(source, hub_options)
     context.execution_options.preserve_order = not src.numbered
     identity = [tokenizer_fingerprint(tokenizer_dir), dataclasses.asdict(settings),
                 _function_fingerprint(formatting_func), STORE_FORMAT]
@@ -110,11 +109,11 @@ def prepare_dataset(
             num_cpus=1,
         )
         docs, stats = _collect(encoded, src.name)
+        content_hash = stats.pop("content_hash")
         if fingerprint is None:
-            fingerprint = _fingerprint(stats.pop("content_hash"), identity)
+            fingerprint = _fingerprint(content_hash, identity)
             if RowStore.exists(store_root / fingerprint):
                 return _reuse(store_root / fingerprint, report)
-        stats.pop("content_hash", None)
         placements = _plan(docs.length, settings)
         store_dir = store_root / fingerprint
         with _bar(placements.num_rows, "writing rows", report) as bar:

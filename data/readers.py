@@ -1,11 +1,12 @@
 """Ray Data datasets of raw rows read from files by tasks, each row with its file (`_file`,
 an index into the file list) and 1-based line or row number (`_row`) for error messages.
 
-JSON lines are split into byte ranges: a first round of tasks counts the newlines in
-each range (only integers come back), so every range's task knows the line number it
-starts at, then the reading tasks cut their range at line starts and keep each line as
-raw bytes in `_json`, decoded and parsed in the encoding stage: Arrow would reject rows
-whose fields change type, and a bad line must fail there with its own number. Parquet is
+JSON lines are split into byte ranges whose newlines are counted first (by the driver
+while it hashes a local file, by a task per remote file: only integers come back), so
+every range's task knows the line number it starts at; the reading tasks cut their
+range at line starts and keep each line as raw bytes in `_json`, decoded and parsed in
+the encoding stage: Arrow would reject rows whose fields change type, and a bad line
+must fail there with its own number. Parquet is
 read one row group per task (row numbers from the footer), CSV one file per task.
 """
 
@@ -20,7 +21,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from raysft.data.errors import DataError
-from raysft.data.files import filesystem, storage_env
+from raysft.data.files import count_newlines, filesystem, first_line, storage_env
 
 FILE_INDEX = "_file"
 ROW_NUMBER = "_row"
@@ -60,7 +61,7 @@ def first_columns(files: list[str]) -> list[str]:
     fs, path = filesystem(url)
     if url.endswith(JSON_LINES):
         with fs.open_input_stream(path) as f:
-            line = _first_line(f)
+            line = _first_nonblank_line(f)
         if not line and len(files) == 1:
             raise DataError(f"{url}: the dataset has no rows")
         try:
@@ -80,7 +81,7 @@ def first_columns(files: list[str]) -> list[str]:
         return list(reader.schema.names)
 
 
-def _first_line(stream) -> bytes:
+def _first_nonblank_line(stream) -> bytes:
     buffer = b""
     while True:
         piece = stream.read(_LINE_SEARCH)
@@ -142,14 +143,7 @@ def _json_lines(files: list[str], chunk_bytes: int, newlines: dict[str, list[int
     return read_pieces("ReadJSONLines", ranges, _read_json_range, env)
 
 
-@ray.remote(num_cpus=READ_CPUS)
-def _count_newlines(url: str, chunk_bytes: int) -> list[int]:
-    fs, path = filesystem(url)
-    counts = []
-    with fs.open_input_stream(path) as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            counts.append(chunk.count(b"\n"))
-    return counts
+_count_newlines = ray.remote(num_cpus=READ_CPUS)(count_newlines)
 
 
 def _read_json_range(r: dict) -> Iterator:
@@ -159,7 +153,7 @@ def _read_json_range(r: dict) -> Iterator:
     fs, path = filesystem(r["url"])
     with fs.open_input_file(path) as f:
         size = f.size()
-        start, end = r["start"], min(r["end"], f.size())
+        start, end = r["start"], min(r["end"], size)
         data = f.read_at(end - start, start)
         line = r["newlines_before"] + 1
         if start > 0 and f.read_at(1, start - 1) != b"\n":
@@ -197,7 +191,7 @@ def _row_groups(url: str) -> list[tuple[int, int]]:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
     except Exception as err:  # noqa: BLE001 - not a parquet file, truncated footer
-        raise DataError(f"{url}: not a readable parquet file ({str(err).strip().splitlines()[0]})") from None
+        raise DataError(f"{url}: not a readable parquet file ({first_line(err)})") from None
     sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     firsts = np.cumsum([1] + sizes[:-1]) if sizes else []
     return [(g, int(first)) for g, (first, n) in enumerate(zip(firsts, sizes)) if n]
@@ -228,5 +222,5 @@ def _read_csv_file(r: dict) -> Iterator:
         with fs.open_input_stream(path) as f:
             table = pacsv.read_csv(f)
     except Exception as err:  # noqa: BLE001 - pyarrow names the CSV row it stopped at
-        raise DataError(f"{r['url']}: not readable as CSV ({str(err).strip().splitlines()[0]})") from None
+        raise DataError(f"{r['url']}: not readable as CSV ({first_line(err)})") from None
     yield _numbered(table, r["file"], 1)

@@ -20,7 +20,9 @@ from typing import Any, Callable
 import ray
 
 from raysft.data.errors import DataError
-from raysft.data.files import SUFFIXES, file_size, is_remote, list_files, remote_fingerprint, scan_local, storage_env
+from raysft.data.files import (
+    SUFFIXES, file_size, first_line, is_remote, list_files, remote_fingerprint, scan_local, storage_env,
+)
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER, chunk_bytes, first_columns, read_files, read_pieces
 
 STREAM_BATCH_ROWS = 1000
@@ -110,8 +112,9 @@ def _hub_dataset(name: str, split: str = "train", data_dir: str | None = None, k
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - hub, network and config errors alike
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"dataset {name!r} is not a local file and loading it from the hub failed: {first}") from None
+        raise DataError(
+            f"dataset {name!r} is not a local file and loading it from the hub failed: {first_line(err)}"
+        ) from None
     return _stream(stream, name, _digest([name, split, data_dir, kwargs, revision]), storage_env(["hf://"]))
 
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,12 +21,18 @@ HERE = Path(__file__).parent
 
 
 def _prepare_on_cluster(nodes: int, data: Path, tokenizer_dir: Path, root: Path) -> dict:
-    proc = subprocess.run(
+    # A session of its own: on a timeout the cluster's processes go with the script.
+    proc = subprocess.Popen(
         [sys.executable, str(HERE / "data_cluster_worker.py"), str(nodes), str(data), str(tokenizer_dir), str(root)],
-        capture_output=True, text=True, timeout=600,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_two_nodes_encode_and_write_rows_and_give_the_store_one_node_gives(tmp_path, tokenizer_dir):

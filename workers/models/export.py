@@ -50,6 +50,10 @@ def _to_host(name: str, array: jax.Array, layer: int, dtype: str, writer: bool) 
         return np.asarray(piece).astype(EXPORT_DTYPES[dtype]) if writer else None
     program, _ = layer_gather(name, array, dtype)
     out = program(array, np.int32(layer)) if is_stacked(name) else program(array)
+    # Every process waits for each gather, not only the writer: a process that runs ahead
+    # has several gathers in flight, which the CPU runtime may run in another order than
+    # the other processes, and their collectives then wait on each other for ever.
+    out.block_until_ready()
     return np.asarray(out.addressable_data(0)) if writer else None
 
 

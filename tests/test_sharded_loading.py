@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from conftest import save_tiny_model
 
 PROCESSES = 4
@@ -50,3 +52,32 @@ def test_each_process_materialises_only_its_fsdp_shard(tmp_path):
         # Resident memory: the quarter it holds plus staging copies the allocator keeps
         # (measured 26-50%); a host materialising the model would grow by >= 100%.
         assert report["resident_growth"] < 0.6 * total, report
+
+
+def test_multi_process_export_of_many_layers_writes_the_weights(tmp_path):
+    """Two processes, two devices each, a 24-layer model with scanned layers: every layer
+    of every stacked parameter is gathered and written (hundreds of collectives in a row,
+    which once deadlocked when the process that does not write ran ahead)."""
+    from safetensors.numpy import load_file
+
+    model_dir = save_tiny_model(tmp_path / "model", vocab_size=128, num_hidden_layers=24)
+    out_dir = tmp_path / "export"
+    worker = Path(__file__).with_name("export_worker.py")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(model_dir), str(out_dir), coordinator, "2", str(rank)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    original, exported = load_file(model_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
+    assert original.keys() == exported.keys()
+    for name in original:
+        assert np.array_equal(original[name], exported[name]), name

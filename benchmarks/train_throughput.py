@@ -41,7 +41,7 @@ def packed_batches(s: Settings) -> list[dict[str, np.ndarray]]:
     lengths = np.clip(rng.lognormal(np.log(150), 0.9, rows_needed * 6).astype(int), 8, s.seq_len)
     docs = [rng.integers(3, W1["vocab_size"], n).astype(np.int32) for n in lengths]
     weights = [np.r_[0.0, np.ones(n - 1)].astype(np.float32) for n in lengths]
-    rows = build_rows(docs, weights, best_fit_decreasing(lengths, s.seq_len)[:rows_needed], s.seq_len)
+    rows = build_rows(docs, weights, best_fit_decreasing(lengths, s.seq_len).first(rows_needed), s.seq_len)
     return [{k: v[i : i + s.batch_size] for k, v in rows.items()} for i in range(0, rows_needed, s.batch_size)]
 
 

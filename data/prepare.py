@@ -23,7 +23,7 @@ from raysft.data.chat import require_chat_template
 from raysft.data.errors import DataError
 from raysft.data.formats import detect_format
 from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
-from raysft.data.rows import Placements, best_fit_decreasing, bin_placements, wrapped_placements
+from raysft.data.rows import Bins, Placements, best_fit_decreasing, bin_placements, wrapped_placements
 from raysft.data.settings import DataSettings
 from raysft.data.store import META_FILE, RowStore
 from raysft.data.tokenize import EncodeRows
@@ -238,7 +238,7 @@ def _plan(lengths: np.ndarray, settings: DataSettings) -> Placements:
         return wrapped_placements(lengths, settings.seq_len)
     if settings.packing:
         return bin_placements(best_fit_decreasing(lengths, settings.seq_len), lengths)
-    return bin_placements([[i] for i in range(len(lengths))], lengths)
+    return bin_placements(Bins.one_per_document(len(lengths)), lengths)
 
 
 @contextlib.contextmanager

@@ -88,10 +88,38 @@ def test_wrapped_packing_keeps_every_token_in_order():
     assert rows["loss_weights"].sum() == sum(w.sum() for w in weights) - 4
 
 
+def _one_at_a_time_best_fit_decreasing(lengths, capacity):
+    """Loads of the bins when documents, longest first, each go into the fullest bin with
+    room: a scan of every bin per document. Which of several equally full bins is taken
+    does not change any later choice, so the loads are the same whatever the tie-break."""
+    loads = []
+    for need in sorted(lengths.tolist(), reverse=True):
+        fits = [i for i, load in enumerate(loads) if load + need <= capacity]
+        if fits:
+            loads[max(fits, key=lambda i: loads[i])] += need
+        else:
+            loads.append(need)
+    return sorted(loads)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_best_fit_decreasing_places_like_one_document_at_a_time(seed):
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(1, 80))
+    # Repeated lengths (the grouped placement's fast paths) and all sizes of remainder.
+    lengths = rng.choice(rng.integers(1, capacity + 1, size=rng.integers(1, 8)), size=rng.integers(0, 400))
+    bins = best_fit_decreasing(lengths, capacity)
+    assert sorted(bins.doc.tolist()) == list(range(len(lengths)))
+    loads = [int(lengths[b].sum()) for b in bins]
+    assert sorted(loads) == _one_at_a_time_best_fit_decreasing(lengths, capacity)
+    for b in bins:  # placed longest first
+        assert (np.diff(lengths[b]) <= 0).all()
+
+
 def test_global_best_fit_decreasing_leaves_almost_no_padding():
     lengths = np.clip(np.random.default_rng(0).lognormal(np.log(350), 0.9, 200_000).astype(int), 1, 2048)
     bins = best_fit_decreasing(lengths, 2048)
-    loads = np.bincount(np.repeat(np.arange(len(bins)), [len(b) for b in bins]), weights=lengths[np.concatenate(bins)])
-    assert sorted(np.concatenate(bins).tolist()) == list(range(len(lengths)))
+    loads = np.bincount(np.repeat(np.arange(len(bins)), bins.counts), weights=lengths[bins.doc])
+    assert sorted(bins.doc.tolist()) == list(range(len(lengths)))
     assert loads.max() <= 2048
     assert 1 - lengths.sum() / (len(bins) * 2048) < 0.001  # global BFD leaves almost no padding

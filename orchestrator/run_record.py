@@ -8,18 +8,19 @@ import json
 from pathlib import Path
 
 from raysft.orchestrator.config import SFTConfig
+from raysft.workers.models.source import ModelSource
 
 RUN_FILE = "run.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    model_dir: Path
+    model: ModelSource  # pinned: an export loads what training loaded
     config: SFTConfig
 
     def write(self, run_dir: Path) -> None:
         record = {
-            "model_dir": str(Path(self.model_dir).absolute()),
+            "model": str(self.model),
             # Only what was set: defaults of a later raysft apply on reading, as they would on a rerun.
             "config": self.config.model_dump(mode="json", exclude_unset=True),
         }
@@ -31,4 +32,5 @@ class RunRecord:
         if not path.is_file():
             raise ValueError(f"{run_dir} is not a raysft run directory: no {RUN_FILE} (train() writes it)")
         record = json.loads(path.read_text())
-        return cls(Path(record["model_dir"]), SFTConfig(**record["config"]))
+        # Runs before model sources recorded the local directory as "model_dir".
+        return cls(ModelSource.parse(record.get("model") or record["model_dir"]), SFTConfig(**record["config"]))

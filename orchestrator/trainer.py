@@ -20,7 +20,8 @@ from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.orchestrator.run_record import RunRecord
 from raysft.orchestrator.tracking import WandbTracker
 from raysft.orchestrator.worker_group import worker_group
-from raysft.workers.models.auto import CausalLM, resolve_model_dir
+from raysft.workers.models.auto import CausalLM
+from raysft.workers.models.source import ModelSource
 from raysft.workers.spec import TrainSpec
 from raysft.workers.train_loop import train_loop_per_worker
 
@@ -51,8 +52,10 @@ class SFTTrainer:
         formatting_func: Any = None,
         quiet: bool = False,
     ):
-        """`model`: a Hugging Face directory, a `.gguf` file, a hub id, or a loaded `CausalLM`
-        (whose weights the workers reload from its directory, each host only its shards).
+        """`model`: a Hugging Face directory (on storage every host sees), a `.gguf` file, a
+        hub id, an `s3://`/`gs://` URI, or a `CausalLM` from `from_pretrained`. The driver
+        reads only the config and tokenizer; each host fetches the weights into its own
+        cache and reads only its shards.
         `processing_class`: the tokenizer (default: the model directory's).
         `formatting_func(row) -> str`: the text to train on, for rows of any shape.
         `quiet`: for logs: no progress bar or per-step lines (evals, epochs, restarts stay)."""
@@ -64,7 +67,8 @@ class SFTTrainer:
                 update={k: v for k, v in loaded.items() if k not in arguments.model_fields_set}
             )
         self.args = arguments
-        self.model_dir = model.model_dir if isinstance(model, CausalLM) else resolve_model_dir(model)
+        self.model = (model.source if isinstance(model, CausalLM) else ModelSource.parse(model)).pinned()
+        self.model_dir = self.model.fetch(weights=False)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = processing_class
@@ -160,7 +164,7 @@ class SFTTrainer:
         if args.backend == "tpu" and args.plan_before_training:
             self.check_fits()
         tokenizer_dir, train_store, eval_store = self.prepare_data()
-        RunRecord(self.model_dir, args).write(run_dir)
+        RunRecord(self.model, args).write(run_dir)
 
         summary_file = run_dir / "summary.json"
         summary_file.unlink(missing_ok=True)
@@ -171,7 +175,7 @@ class SFTTrainer:
             with ProgressReporter(quiet=self.quiet, sinks=[tracker] if tracker else []) as progress:
                 spec = TrainSpec.from_config(
                     args,
-                    model_dir=str(self.model_dir),
+                    model=str(self.model),
                     tokenizer_dir=str(tokenizer_dir),
                     train_store=str(train_store.path),
                     eval_store=str(eval_store.path) if eval_store else None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+from raysft.data.files import STORAGE_ENV
 from raysft.orchestrator.config import SFTConfig
 
 
@@ -29,7 +31,11 @@ def worker_group(args: SFTConfig, loop: Callable[[dict], None], loop_config: dic
         scaling = ScalingConfig(
             num_workers=args.num_hosts, use_gpu=gpu, resources_per_worker=args.worker_resources or default
         )
-    env = {"JAX_PLATFORMS": "cpu"} if args.backend == "cpu" else {}
+    # The driver's storage credentials and endpoints: models, checkpoints and data on
+    # object storage are read with them whatever environment the nodes were started in.
+    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
+    if args.backend == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
     return JaxTrainer(
         loop,
         train_loop_config=loop_config,

@@ -17,7 +17,7 @@ from raysft.workers.spec import TrainSpec
 
 def _spec(**fields) -> TrainSpec:
     paths = dict.fromkeys(
-        ["model_dir", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "unused"
+        ["model", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "unused"
     )
     return TrainSpec.from_config(rs.SFTConfig(**fields), eval_store=None, **paths)
 

@@ -17,6 +17,7 @@ def export_loop_per_worker(config: dict) -> None:
     from raysft.workers.checkpoint import Checkpoints
     from raysft.workers.sharded_model import ShardedModel
 
+    watchdog.progress("fetching the model to this host")
     model = ShardedModel.build(spec)
     watchdog.progress(f"restoring checkpoint step {step}", spec.startup_timeout_s)
     checkpoints = Checkpoints(spec.checkpoint_dir, keep=None)

@@ -17,6 +17,7 @@ from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.params import ParamLayout
 from raysft.workers.models.runtime import ModelRuntime
+from raysft.workers.models.source import ModelSource
 from raysft.workers.spec import TrainSpec
 
 
@@ -32,11 +33,12 @@ class ShardedModel:
 
     @classmethod
     def build(cls, spec: TrainSpec, devices=None, hf_overrides: dict | None = None) -> "ShardedModel":
-        """Call after `jax.distributed` is up: the mesh spans every host's devices (or
-        `devices`: a TPU slice's, for compiling only). Reads only `config.json`, with
-        `hf_overrides` over it (a shortened copy of the model for cost estimates)."""
+        """Call after `jax.distributed` is up: the mesh spans every host's devices, and the
+        model's files are fetched to this host. Or `devices`: a TPU slice's, for compiling
+        only: then only `config.json` is read, with `hf_overrides` over it (a shortened copy
+        of the model for cost estimates)."""
         mesh = global_mesh(*spec.sharding_axis_dims, devices=devices, num_slices=spec.num_slices)
-        model_dir = Path(spec.model_dir)
+        model_dir = ModelSource.parse(spec.model).fetch(weights=devices is None)
         hf_config = {**read_hf_config(model_dir / "config.json"), **(hf_overrides or {})}
         config = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
         runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)

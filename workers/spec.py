@@ -8,7 +8,7 @@ from typing import Any
 
 # Paths and handles the driver derives for this run; every other field is a config value.
 _RUN_FIELDS = {
-    "model_dir", "tokenizer_dir", "train_store", "eval_store", "checkpoint_dir",
+    "model", "tokenizer_dir", "train_store", "eval_store", "checkpoint_dir",
     "export_dir", "summary_file", "metrics_queue",
 }
 
@@ -22,7 +22,7 @@ _TRAJECTORY_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    model_dir: str
+    model: str  # a `ModelSource`, pinned: each host fetches the model itself
     tokenizer_dir: str
     train_store: str | None  # None (and summary_file) where a worker only exports
     eval_store: str | None

@@ -28,6 +28,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.sharded_model import ShardedModel
 
     rank0 = jax.process_index() == 0
+    watchdog.progress("fetching the model to this host")
     model = ShardedModel.build(spec)
     mesh, p_shard = model.mesh, model.shardings
 

@@ -20,11 +20,13 @@ import ray
 
 from raysft.data import sources
 from raysft.data.chat import require_chat_template
+from raysft.data.data_nodes import cpus_matching
 from raysft.data.errors import DataError
 from raysft.data.formats import detect_format
 from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
 from raysft.data.rows import Bins, Placements, best_fit_decreasing, bin_placements, wrapped_placements
 from raysft.data.settings import DataSettings
+from raysft.data.stall import DEFAULT_TIMEOUT_S, Stalled, until_stalled
 from raysft.data.store import META_FILE, RowStore
 from raysft.data.tokenize import EncodeRows
 
@@ -45,7 +47,7 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
 def _function_fingerprint(fn: Callable | None) -> str | None:
     if fn is None:
         return None
-    import cloudpickle
+    from ray import cloudpickle  # Ray's own copy: cloudpickle itself may not be installed
 
     return hashlib.sha256(cloudpickle.dumps(fn)).hexdigest()
 
@@ -62,6 +64,8 @@ def prepare_dataset(
     hub_options: dict | None = None,
     report: Callable[[str], None] | None = print,
     shard_rows: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    label_selector: dict[str, str] | None = None,
 ) -> RowStore:
     """The row store for `source`, reusing one already prepared with the same fingerprint
     (source content, tokenizer files with their chat template, settings, formatting_func).
@@ -69,12 +73,15 @@ def prepare_dataset(
     Reading, encoding (`batch_size` rows per batch, in a pool of tokenizer actors that
     grows with the cluster's CPUs up to `num_proc`) and row writing (`shard_rows` rows per
     task; by default ~128 MiB shards) all run in Ray tasks; the driver gets each
-    document's length and place, plans the rows and collects the stats.
+    document's length and place, plans the rows and collects the stats. No progress for
+    `timeout_s` (no encoded batch, no row shard written) ends it with `Stalled`. Every
+    task runs on the nodes `label_selector` matches (`data_nodes.off_tpu_hosts`).
     """
     # Set before any dataset is made: a dataset keeps the context it was made in.
     context = ray.data.DataContext.get_current()
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
     context.raise_original_map_exception = True
+    context.execution_options.label_selector = label_selector  # our own tasks read it here too
     src = sources.resolve(source, hub_options)  # its datasets are made later, by `src.read()`
     # Same documents in the same order on every run (the packing plan depends on it):
     # sources with row numbers are put in order by the driver, the others by Ray Data,
@@ -105,10 +112,10 @@ def prepare_dataset(
             batch_size=batch_size,
             batch_format="pyarrow",
             # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
-            compute=_encoder_pool(num_proc),
+            compute=_encoder_pool(num_proc, label_selector),
             num_cpus=1,
         )
-        docs, stats = _collect(encoded, src.name)
+        docs, stats = _collect(encoded, src.name, timeout_s)
         content_hash = stats.pop("content_hash")
         if fingerprint is None:
             fingerprint = _fingerprint(content_hash, identity)
@@ -119,7 +126,7 @@ def prepare_dataset(
         with _bar(placements.num_rows, "writing rows", report) as bar:
             shard_sizes = write_row_shards(
                 placements, docs, docs_dir, work, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar else None,
+                progress=bar.update if bar else None, timeout_s=timeout_s, name=src.name,
             )
         stats.update(
             fingerprint=fingerprint, format=fmt, rows=placements.num_rows, seq_len=settings.seq_len,
@@ -143,15 +150,15 @@ def prepare_dataset(
 STORE_FORMAT = "row shards v2"
 
 
-def _encoder_pool(num_proc: int | None) -> ray.data.ActorPoolStrategy:
-    """Tokenizer actors: as many as the cluster has CPUs now, growing with it, at most
-    `num_proc`. A Ray whose nodes all run on this machine may announce more CPUs than it
+def _encoder_pool(num_proc: int | None, selector: dict[str, str] | None) -> ray.data.ActorPoolStrategy:
+    """Tokenizer actors: as many as the nodes data work may use have CPUs now, growing
+    with the cluster, at most `num_proc`. A Ray whose nodes all run on this machine may announce more CPUs than it
     has cores (the embedded Ray does, so its workers never wait for a slot): there the
     pool stops at the cores."""
     here = ray.util.get_node_ip_address()
     if num_proc is None and all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"]):
         num_proc = os.cpu_count() or 1
-    now = max(int(ray.available_resources().get("CPU", 1)), 1)
+    now = max(int(min(ray.available_resources().get("CPU", 1), cpus_matching(selector))), 1)
     return ray.data.ActorPoolStrategy(min_size=1, max_size=num_proc, initial_size=min(now, num_proc or now))
 
 
@@ -177,7 +184,7 @@ def _bar(total: int, what: str, report):
         yield bar
 
 
-def _collect(encoded, name: str) -> tuple[Documents, dict]:
+def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
     """The documents' lengths and places, in dataset order, and the stats, from the
     encoding tasks' small records (no token passes through here)."""
     keys, lengths, shards, offsets = [], [], [], []
@@ -187,7 +194,8 @@ def _collect(encoded, name: str) -> tuple[Documents, dict]:
     max_id, content = -1, np.zeros(2, np.uint64)
     try:
         with _ray_data_task_errors_unlogged():
-            for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            batches = encoded.iter_batches(batch_size=None, batch_format="numpy")
+            for batch in until_stalled(batches, timeout_s, name, "reading and encoding"):
                 kept = batch["dropped"] == ""
                 totals["rows_read"] += int((batch["piece"] == 0).sum())
                 totals["truncated_tokens"] += int(batch["truncated_tokens"].sum())
@@ -202,6 +210,8 @@ def _collect(encoded, name: str) -> tuple[Documents, dict]:
                 lengths.append(batch["length"][kept])
                 shards.append(ids[index] if len(ids) else np.zeros(0, np.int32))
                 offsets.append(batch["offset"][kept])
+    except Stalled:
+        raise
     except Exception as err:  # Ray wraps task errors; surface ours as the one-line cause
         data_error = _find_data_error(err)
         if data_error is None:

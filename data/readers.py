@@ -20,6 +20,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from raysft.data.data_nodes import task_options
 from raysft.data.errors import DataError
 from raysft.data.files import count_newlines, filesystem, first_line, storage_env
 
@@ -130,7 +131,8 @@ def read_pieces(name: str, pieces: list[dict], read: Callable[[dict], Iterator],
 
 def _json_lines(files: list[str], chunk_bytes: int, newlines: dict[str, list[int]], env: dict) -> ray.data.Dataset:
     uncounted = [url for url in files if url not in newlines]
-    count = _count_newlines.options(runtime_env={"env_vars": env}) if env else _count_newlines
+    selector = ray.data.DataContext.get_current().execution_options.label_selector
+    count = _count_newlines.options(runtime_env={"env_vars": env}, **task_options(selector))
     counted = ray.get([count.remote(url, chunk_bytes) for url in uncounted])
     newlines = {**newlines, **dict(zip(uncounted, counted))}
     ranges = []

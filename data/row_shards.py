@@ -11,7 +11,9 @@ from typing import Callable
 import numpy as np
 import ray
 
+from raysft.data.data_nodes import task_options
 from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
+from raysft.data.stall import DEFAULT_TIMEOUT_S, stalled
 from raysft.data.store import shard_file
 from raysft.data.tokenize import DOC_FILES, doc_file
 
@@ -35,19 +37,24 @@ def rows_per_shard(seq_len: int) -> int:
 
 
 def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, store_dir: Path, seq_len: int,
-                     shard_rows: int, progress: Callable[[int], None] | None = None) -> list[int]:
+                     shard_rows: int, progress: Callable[[int], None] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     name: str = "rows") -> list[int]:
     """Row shards of `shard_rows` rows (the last one shorter), one task each, spread over
     the cluster's nodes; returns the row count of each shard."""
     bounds = list(range(0, placements.num_rows, shard_rows)) + [placements.num_rows]
+    selector = ray.data.DataContext.get_current().execution_options.label_selector
     pending = {}
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = placements.rows(start, stop)
         needed = np.unique(part.doc).tolist()
         places = {d: (docs.shard_names[docs.shard[d]], int(docs.offset[d]), int(docs.length[d])) for d in needed}
-        pending[_write_shard.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
+        write = _write_shard.options(**task_options(selector))
+        pending[write.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
     remaining = list(pending)
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=timeout_s)
+        if not done:
+            raise stalled(name, timeout_s, "writing rows")
         ray.get(done[0])
         if progress:
             progress(pending[done[0]])

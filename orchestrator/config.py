@@ -145,6 +145,13 @@ class SFTConfig(BaseModel):
     startup_timeout_s: float = Field(
         1800.0, gt=0, description="Limit for joining jax.distributed, loading weights and compiling the first step."
     )
+    data_on_tpu_hosts: bool = Field(
+        False, description="Prepare data on TPU hosts too; by default only nodes that are not TPU hosts do it.",
+    )
+    data_timeout_s: float = Field(
+        1800.0, gt=0, description="Data preparation that makes no progress for this long (a stuck read, no node with "
+        "CPUs to encode on) stops with an error instead of waiting.",
+    )
 
     # Hosts and mesh
     sharding_axis_dims: tuple[int, int, int, int] = Field(

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import DType
+from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.restarts import classify
 from raysft.orchestrator.run_record import RunRecord
 from raysft.orchestrator.worker_group import worker_group
 from raysft.workers.export_loop import export_loop_per_worker
+from raysft.workers.shared_storage import write_marker
 from raysft.workers.spec import TrainSpec
 
 
@@ -50,6 +52,9 @@ def export_checkpoint(
     config = record.config
     if export_dtype:
         config = config.model_copy(update={"export_dtype": export_dtype})
+    connect(config.hosts)
+    marker = write_marker(run_dir)
+    check_every_node(marker, str(record.model))
     spec = TrainSpec.from_config(
         config,
         model=str(record.model),
@@ -59,8 +64,8 @@ def export_checkpoint(
         checkpoint_dir=str(run_dir / "checkpoints"),
         export_dir=str(output),
         summary_file=None,
+        storage_marker=marker,
     )
-    connect(config.hosts)
     group = worker_group(config, export_loop_per_worker, {"spec": spec.as_dict(), "step": step}, run_dir, "export")
     try:
         group.fit()

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from raysft.data.data_nodes import off_tpu_hosts
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.progress import ProgressReporter
 from raysft.orchestrator.report import write_report
 from raysft.orchestrator.restarts import RestartBudget, classify
@@ -22,6 +24,7 @@ from raysft.orchestrator.tracking import WandbTracker
 from raysft.orchestrator.worker_group import worker_group
 from raysft.workers.models.auto import CausalLM
 from raysft.workers.models.source import ModelSource
+from raysft.workers.shared_storage import write_marker
 from raysft.workers.spec import TrainSpec
 from raysft.workers.train_loop import train_loop_per_worker
 
@@ -119,7 +122,12 @@ class SFTTrainer:
                 formatting_func=self.formatting_func,
                 hub_options=dict(split=args.dataset_split, data_dir=args.data_dir, kwargs=args.dataset_kwargs),
                 report=print,
+                timeout_s=args.data_timeout_s,
+                label_selector=data_nodes,
             )
+
+        tpu = args.tpu_slice
+        data_nodes = None if args.data_on_tpu_hosts else off_tpu_hosts([tpu.tpu_type] if tpu else [])
 
         train_store = prepare(self.train_dataset, args.packing)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
@@ -163,6 +171,10 @@ class SFTTrainer:
         run_dir = args.run_dir
         if args.backend == "tpu" and args.plan_before_training:
             self.check_fits()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        connect(args.hosts)
+        marker = write_marker(run_dir)
+        check_every_node(marker, str(self.model))
         tokenizer_dir, train_store, eval_store = self.prepare_data()
         RunRecord(self.model, args).write(run_dir)
 
@@ -183,6 +195,7 @@ class SFTTrainer:
                     export_dir=str(run_dir / "export"),
                     summary_file=str(summary_file),
                     metrics_queue=progress.queue,
+                    storage_marker=marker,
                 )
                 self._fit(spec, run_dir, progress)
             if not summary_file.is_file():

@@ -1,8 +1,9 @@
 """Prepare one dataset on a local multi-node Ray cluster, in a process of its own (the
 test session holds an embedded Ray). Prints one JSON object: the store's path and, from
-Ray's state API, the nodes that ran encoding actors and row-writing tasks.
+Ray's state API, the nodes that ran reading tasks, encoding actors and row-writing tasks.
+With TPU_HOSTS, that many more nodes carry the resources and labels of v4-16 slice hosts.
 
-    python data_cluster_worker.py NODES DATA TOKENIZER_DIR STORE_ROOT
+    python data_cluster_worker.py NODES DATA TOKENIZER_DIR STORE_ROOT [TPU_HOSTS]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
+from raysft.data.data_nodes import TPU_POD_LABEL, off_tpu_hosts
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 
@@ -27,23 +29,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(nodes: int, data: str, tokenizer_dir: str, store_root: str) -> None:
+def main(nodes: int, data: str, tokenizer_dir: str, store_root: str, tpu_hosts: int = 0) -> None:
     cluster = Cluster(
         initialize_head=True,  # the head has no CPUs: the work goes to the worker nodes
         head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
                         "dashboard_port": free_port()},
     )
     workers = {cluster.add_node(num_cpus=2).node_id for _ in range(nodes)}
+    tpus = {cluster.add_node(num_cpus=2, resources={"TPU": 4}, labels={TPU_POD_LABEL: "v4-16", "ray.io/tpu-worker-id": str(i)}).node_id
+            for i in range(tpu_hosts)}
     ray.init(address=cluster.address)
     try:
         store = prepare_dataset(Path(data), Path(tokenizer_dir), DataSettings(seq_len=32, packing=True),
-                                Path(store_root), report=None, shard_rows=4)
+                                Path(store_root), report=None, shard_rows=4, label_selector=off_tpu_hosts())
         time.sleep(2)  # the state API learns of finished tasks from the nodes' reports
-        writers = {t.node_id for t in list_tasks(filters=[("name", "=", "_write_shard")], limit=1000)}
+        tasks = list_tasks(limit=10000)
+        writers = {t.node_id for t in tasks if t.name == "_write_shard"}
+        readers = {t.node_id for t in tasks if t.name.startswith("Read")}
         encoders = {a.node_id for a in list_actors(limit=1000) if "EncodeRows" in a.class_name}
         print(json.dumps({
-            "store": str(store.path), "worker_nodes": sorted(workers),
-            "row_writer_nodes": sorted(writers), "encoder_nodes": sorted(encoders),
+            "store": str(store.path), "worker_nodes": sorted(workers), "tpu_nodes": sorted(tpus),
+            "reader_nodes": sorted(readers), "row_writer_nodes": sorted(writers), "encoder_nodes": sorted(encoders),
             "shards": len(store.meta["shard_rows"]),
         }))
     finally:
@@ -52,4 +58,4 @@ def main(nodes: int, data: str, tokenizer_dir: str, store_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), *sys.argv[2:5])
+    main(int(sys.argv[1]), *sys.argv[2:5], *map(int, sys.argv[5:6]))

@@ -20,10 +20,11 @@ from raysft.data.settings import DataSettings
 HERE = Path(__file__).parent
 
 
-def _prepare_on_cluster(nodes: int, data: Path, tokenizer_dir: Path, root: Path) -> dict:
+def _prepare_on_cluster(nodes: int, data: Path, tokenizer_dir: Path, root: Path, tpu_hosts: int = 0) -> dict:
     # A session of its own: on a timeout the cluster's processes go with the script.
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "data_cluster_worker.py"), str(nodes), str(data), str(tokenizer_dir), str(root)],
+        [sys.executable, str(HERE / "data_cluster_worker.py"), str(nodes), str(data), str(tokenizer_dir), str(root),
+         str(tpu_hosts)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
@@ -36,13 +37,16 @@ def _prepare_on_cluster(nodes: int, data: Path, tokenizer_dir: Path, root: Path)
 
 
 def test_two_nodes_encode_and_write_rows_and_give_the_store_one_node_gives(tmp_path, tokenizer_dir):
+    """Two CPU nodes next to a v4-16 slice's two hosts: the CPU nodes do all the data work."""
     rows = [{"text": " ".join(CORPUS[i % 6 : i % 6 + 1 + i % 3])} for i in range(60)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    two = _prepare_on_cluster(2, data, tokenizer_dir, tmp_path / "two")
+    two = _prepare_on_cluster(2, data, tokenizer_dir, tmp_path / "two", tpu_hosts=2)
     one = _prepare_on_cluster(1, data, tokenizer_dir, tmp_path / "one")
     assert two["shards"] >= 4
-    assert set(two["encoder_nodes"]) == set(two["worker_nodes"]), two  # both nodes encoded
-    assert set(two["row_writer_nodes"]) == set(two["worker_nodes"]), two  # both nodes wrote row shards
+    assert set(two["encoder_nodes"]) == set(two["worker_nodes"]), two  # both CPU nodes encoded
+    assert set(two["row_writer_nodes"]) == set(two["worker_nodes"]), two  # both wrote row shards
+    assert len(two["tpu_nodes"]) == 2 and two["reader_nodes"]
+    assert not set(two["reader_nodes"]) & set(two["tpu_nodes"]), two  # reading claims no CPU: any node but a TPU host
     a, b = Path(one["store"]), Path(two["store"])
     assert a.name == b.name  # the same fingerprint
     files = sorted(p.name for p in a.iterdir())

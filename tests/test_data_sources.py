@@ -222,3 +222,53 @@ def test_s3_objects_are_read_by_tasks_and_fingerprinted_by_their_metadata(local_
         _prepare("s3://data/missing.jsonl", tokenizer_dir, tmp_path / "s3")
     with pytest.raises(DataError, match=r"^ftp://x/d.jsonl: unsupported URI scheme 'ftp'"):
         _prepare("ftp://x/d.jsonl", tokenizer_dir, tmp_path / "s3")
+
+
+STALLED_PREPARATION = """
+import sys, time
+from pathlib import Path
+import ray
+from raysft.data.prepare import prepare_dataset
+from raysft.data.settings import DataSettings
+from raysft.data.stall import Stalled
+
+def stuck(row):  # a read that never returns, as on a dead mount
+    time.sleep(600)
+
+ray.init(num_cpus=2)
+start = time.perf_counter()
+try:
+    prepare_dataset(Path(sys.argv[1]), Path(sys.argv[2]), DataSettings(seq_len=32), Path(sys.argv[3]),
+                    formatting_func=stuck, report=None, timeout_s=3)
+except Stalled as err:
+    print(f"{time.perf_counter() - start:.1f}", err)
+"""
+
+
+def test_preparation_without_progress_stops_with_an_error(tmp_path, tokenizer_dir):
+    """In a Ray of its own: the stuck encoders are not left holding the session's CPUs."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}] * 4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", STALLED_PREPARATION, str(data), str(tokenizer_dir), str(tmp_path / "store")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seconds, message = run.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert message.startswith(f"{data}: data preparation made no progress for 3 s while reading and encoding (")
+    assert " of 2 CPUs free)" in message
+    assert message.endswith("CPUs free): a stuck read, or no node with CPUs to run on; data_timeout_s sets this limit")
+    assert float(seconds) < 60
+    assert not any((tmp_path / "store").iterdir())  # nothing half-prepared left behind
+
+
+def test_formatting_func_makes_the_text_of_any_row(local_ray, tmp_path, tokenizer_dir):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"q": "the cat", "a": f"sat {i}"} for i in range(6)])
+    store = prepare_dataset(data, tokenizer_dir, DataSettings(seq_len=32), tmp_path / "store",
+                            formatting_func=lambda row: f"{row['q']} {row['a']}", report=None)
+    assert (store.meta["format"], store.meta["documents"]) == ("text", 6)
+    other = prepare_dataset(data, tokenizer_dir, DataSettings(seq_len=32), tmp_path / "store",
+                            formatting_func=lambda row: row["q"], report=None)
+    assert other.path != store.path  # another function, another store

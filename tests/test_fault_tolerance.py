@@ -215,6 +215,10 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
         scheduling = t["node_config"]["schedulingConfig"]
         assert scheduling.get("preemptible") or scheduling.get("spot")
         assert t["max_workers"] > t["min_workers"] == 0  # slices come and go with demand
+    # A CPU node type for data preparation, which raysft keeps off TPU hosts.
+    cpus = {name: t for name, t in types.items() if name not in tpus and name != config["head_node_type"]}
+    assert [t["resources"]["CPU"] for t in cpus.values()] and all(t["resources"]["CPU"] > 0 for t in cpus.values())
+    assert types[config["head_node_type"]]["resources"]["CPU"] == 0
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     broken = copy.deepcopy(config)
     broken["available_node_types"]["tpu_v4_16"]["min_workers"] = "two"
@@ -228,8 +232,10 @@ def test_tpu_examples_agree_with_the_slice():
     tpu = config.tpu_slice
     assert (tpu.tpu_type, tpu.num_workers, config.hosts) == ("v4-16", 2, 2)
     kuberay = yaml.safe_load((ROOT / "examples" / "kuberay_tpu_v4_16.yaml").read_text())
-    group = kuberay["spec"]["workerGroupSpecs"][0]
+    groups = {g["groupName"]: g for g in kuberay["spec"]["workerGroupSpecs"]}
+    group = groups["tpu-v4-16"]
     pod = group["template"]["spec"]
+    assert int(groups["cpu-data"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) > 0
     assert group["numOfHosts"] == tpu.hosts_per_slice
     assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == tpu.topology
     assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == str(tpu.chips_per_host)

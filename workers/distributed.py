@@ -8,6 +8,7 @@ import socket
 import ray.train
 from ray.train.collective import broadcast_from_rank_zero
 
+from raysft.workers.shared_storage import require_what_the_driver_sees
 from raysft.workers.spec import TrainSpec
 from raysft.workers.watchdog import Watchdog
 
@@ -37,7 +38,9 @@ def init_jax_distributed(backend: str, cpu_devices_per_host: int, timeout_s: flo
 
 
 def join_worker_group(spec: TrainSpec) -> Watchdog:
-    """What every worker does first: start its watchdog, then join `jax.distributed`."""
+    """What every worker does first: check that it sees the run directory and the model
+    where the driver does, start its watchdog, then join `jax.distributed`."""
+    require_what_the_driver_sees(spec.storage_marker, spec.model)
     # orbax logs every save phase through absl at INFO; keep the driver's console readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     watchdog = Watchdog(spec.startup_timeout_s, spec.step_timeout_s, ray.train.get_context().get_world_rank())

@@ -9,7 +9,7 @@ from typing import Any
 # Paths and handles the driver derives for this run; every other field is a config value.
 _RUN_FIELDS = {
     "model", "tokenizer_dir", "train_store", "eval_store", "checkpoint_dir",
-    "export_dir", "summary_file", "metrics_queue",
+    "export_dir", "summary_file", "metrics_queue", "storage_marker",
 }
 
 
@@ -65,6 +65,7 @@ class TrainSpec:
     step_timeout_s: float
     startup_timeout_s: float
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
+    storage_marker: tuple[str, str] | None = None  # (path, token) the driver wrote into the run directory
 
     @classmethod
     def config_fields(cls) -> list[str]:

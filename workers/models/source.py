@@ -74,7 +74,7 @@ class ModelSource:
         if self.kind == "hub" and self.pin is None:
             return ModelSource(self.name, self._hub_download(CONFIG_FILES).name)
         if self.kind == "object" and self.pin is None:
-            return ModelSource(self.name, _listing_digest(self._listing()))
+            return ModelSource(self.name, _listing_digest(self.listing()))
         return self
 
     def fetch(self, weights: bool = True) -> Path:
@@ -110,7 +110,7 @@ class ModelSource:
                 f"model {self.name!r}{at} is not a local directory and the hub download failed: {first_line(err)}"
             ) from None
 
-    def _listing(self) -> dict[str, tuple[int, int]]:
+    def listing(self) -> dict[str, tuple[int, int]]:
         """Files directly under the URI: name -> (size, mtime in ns)."""
         import pyarrow.fs as pafs
 
@@ -133,7 +133,7 @@ class ModelSource:
         only once complete."""
         from filelock import FileLock
 
-        listing = self._listing()
+        listing = self.listing()
         digest = _listing_digest(listing)
         if self.pin and digest != self.pin:
             raise ModelLoadError(

@@ -1,0 +1,42 @@
+"""Before any data is prepared or any slice requested: can every node read the run
+directory and the model where the driver does? One small task per live node answers;
+hosts that join later (an autoscaled slice) check the same at their worker's start."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from raysft.data.files import STORAGE_ENV
+from raysft.workers.shared_storage import what_this_host_misses
+
+ANSWER_TIMEOUT_S = 300
+
+
+def check_every_node(marker: tuple[str, str], model: str) -> None:
+    """Raises ValueError with the first node's one-line problem."""
+    from ray.exceptions import GetTimeoutError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:  # the driver's own node: it has just written the marker
+        return
+    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
+    look = ray.remote(num_cpus=0, max_retries=0)(what_this_host_misses)
+    answers = [
+        look.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+            runtime_env={"env_vars": env},
+        ).remote(marker, model)
+        for node in nodes
+    ]
+    try:
+        problems = ray.get(answers, timeout=ANSWER_TIMEOUT_S)
+    except GetTimeoutError:
+        print(f"raysft: warning: not every node answered the storage check in {ANSWER_TIMEOUT_S} s; "
+              "each worker checks again when it starts")
+        return
+    for problem in problems:
+        if problem:
+            raise ValueError(problem)

@@ -97,6 +97,8 @@ class SFTTrainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
         connect(args.hosts)
+        tpu = args.tpu_slice
+        data_nodes = None if args.data_on_tpu_hosts else off_tpu_hosts([tpu.tpu_type] if tpu else [])
 
         def prepare(dataset, packing: bool):
             settings = DataSettings(
@@ -125,9 +127,6 @@ class SFTTrainer:
                 timeout_s=args.data_timeout_s,
                 label_selector=data_nodes,
             )
-
-        tpu = args.tpu_slice
-        data_nodes = None if args.data_on_tpu_hosts else off_tpu_hosts([tpu.tpu_type] if tpu else [])
 
         train_store = prepare(self.train_dataset, args.packing)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing

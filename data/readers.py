@@ -73,13 +73,18 @@ def first_columns(files: list[str]) -> list[str]:
     if url.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        with fs.open_input_file(path) as f:
-            return list(pq.ParquetFile(f).schema_arrow.names)
+        try:
+            with fs.open_input_file(path) as f:
+                return list(pq.ParquetFile(f).schema_arrow.names)
+        except Exception as err:  # noqa: BLE001 - not a parquet file, truncated footer
+            raise DataError(f"{url}: not a readable parquet file ({first_line(err)})") from None
     import pyarrow.csv as pacsv
 
-    with fs.open_input_stream(path) as f:
-        reader = pacsv.open_csv(f)
-        return list(reader.schema.names)
+    try:
+        with fs.open_input_stream(path) as f:
+            return list(pacsv.open_csv(f).schema.names)
+    except Exception as err:  # noqa: BLE001 - pyarrow names the CSV row it stopped at
+        raise DataError(f"{url}: not readable as CSV ({first_line(err)})") from None
 
 
 def _first_nonblank_line(stream) -> bytes:

@@ -272,3 +272,15 @@ def test_formatting_func_makes_the_text_of_any_row(local_ray, tmp_path, tokenize
     other = prepare_dataset(data, tokenizer_dir, DataSettings(seq_len=32), tmp_path / "store",
                             formatting_func=lambda row: row["q"], report=None)
     assert other.path != store.path  # another function, another store
+
+
+def test_broken_csv_and_parquet_files_are_one_line_naming_the_file(local_ray, tmp_path, tokenizer_dir):
+    broken = {"bad.csv": b'text,id\n"the cat",1\n"unterminated,2\nfoo,3\n', "bad.parquet": b"PAR1 not a footer"}
+    expected = {"bad.csv": "not readable as CSV (CSV parse error: Expected 2 columns, got 1: ",
+                "bad.parquet": "not a readable parquet file ("}
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError) as err:
+            prepare_dataset(tmp_path / name, tokenizer_dir, DataSettings(seq_len=32), tmp_path / "store", report=None)
+        assert str(err.value).startswith(f"{tmp_path / name}: {expected[name]}")
+        assert "\n" not in str(err.value)

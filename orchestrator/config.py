@@ -196,6 +196,14 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SFTConfig":
+        if "://" in self.save_directory:
+            # Path("s3://bucket/runs") is a local folder named "s3:": a run there would be
+            # lost with the VM while the user believes it is in the bucket.
+            scheme = self.save_directory.split("://", 1)[0]
+            raise ValueError(
+                f"save_directory {self.save_directory!r}: {scheme}:// is not supported for runs yet; use a directory "
+                "on storage every host sees (a shared filesystem, or a bucket mounted at the same path on every host)"
+            )
         if self.scheduler == Schedulers.NONE and self.learning_rate_end is not None:
             raise ValueError("learning_rate_end is set but scheduler is 'none'; use scheduler='linear' or 'cosine'")
         if self.warmup_ratio is not None and self.warmup_steps:

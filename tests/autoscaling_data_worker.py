@@ -66,7 +66,10 @@ def start_head() -> str:
     subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={address.rsplit(':', 1)[1]}",
          f"--autoscaling-config={path}", "--num-cpus=0", f"--dashboard-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+         f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         # Its own temp dir: the default one's address file would make every later
+         # `ray.init()` on this machine join this cluster, long after it is gone.
+         f"--temp-dir={tempfile.mkdtemp(prefix='raysft-autoscaling-')}"],
         env=env, check=True, capture_output=True,
     )
     return address
@@ -83,15 +86,16 @@ def node_types() -> dict[str, str]:
 
 
 def main(data: str, tokenizer_dir: str, store_root: str) -> None:
-    ray.init(address=start_head())
+    address = start_head()
+    ray.init(address=address)
     seen: dict[str, str] = {}
     store = prepare_dataset(Path(data), Path(tokenizer_dir), DataSettings(seq_len=32, packing=True), Path(store_root),
                             report=None, shard_rows=4, label_selector=off_tpu_hosts(["v4-16"]), timeout_s=240)
     seen.update(node_types())
     time.sleep(2)  # the state API learns of finished tasks from the nodes' reports
-    tasks = list_tasks(limit=10000)
+    tasks = list_tasks(address=address, limit=10000)  # this cluster: the machine may run others
     workers = {t.node_id for t in tasks if t.name == "_write_shard" or t.name.startswith("Read")}
-    workers |= {a.node_id for a in list_actors(limit=1000) if "EncodeRows" in a.class_name}
+    workers |= {a.node_id for a in list_actors(address=address, limit=1000) if "EncodeRows" in a.class_name}
     deadline = time.time() + 120  # idle_timeout_minutes 0.1: the data nodes go after ~6 s idle
     while time.time() < deadline and set(node_types().values()) != {"head"}:
         time.sleep(1)

@@ -176,3 +176,33 @@ def s3_server(s3_endpoint, monkeypatch):
                         ("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
     return s3_endpoint
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_jax_processes(worker: Path, args: list, processes: int, timeout: float) -> list[tuple[int, str]]:
+    """`worker args... COORDINATOR PROCESSES RANK` in `processes` processes that form one
+    `jax.distributed` group; (return code, output) of each. None is left running."""
+    import subprocess
+    import sys
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), *map(str, args), coordinator, str(processes), str(rank)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(processes)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]

@@ -4,30 +4,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from conftest import save_tiny_model
+from conftest import run_jax_processes, save_tiny_model
 from mesh_worker import LAYOUTS, run
-from test_sharded_loading import _free_port
 
 
 def test_layouts_follow_the_single_device_trajectory(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", vocab_size=96)
-    worker = Path(__file__).with_name("mesh_worker.py")
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(model_dir), str(tmp_path), coordinator, "2", str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    results = run_jax_processes(Path(__file__).with_name("mesh_worker.py"), [model_dir, tmp_path], 2, 600)
+    assert all(code == 0 for code, _ in results), "\n".join(out[-3000:] for _, out in results)
 
     import jax
 

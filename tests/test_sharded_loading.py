@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from conftest import save_tiny_model
+from conftest import run_jax_processes, save_tiny_model
 
 PROCESSES = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_each_process_materialises_only_its_fsdp_shard(tmp_path):
@@ -27,17 +18,9 @@ def test_each_process_materialises_only_its_fsdp_shard(tmp_path):
         tmp_path, vocab_size=32000, hidden_size=512, intermediate_size=1024,
         num_attention_heads=8, num_key_value_heads=4, head_dim=64,
     )
-    worker = Path(__file__).with_name("sharded_load_worker.py")
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(model_dir), coordinator, str(PROCESSES), str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(PROCESSES)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    results = run_jax_processes(Path(__file__).with_name("sharded_load_worker.py"), [model_dir], PROCESSES, 300)
+    outputs = [out for _, out in results]
+    assert all(code == 0 for code, _ in results), "\n".join(outputs)
     reports = [
         json.loads(line.removeprefix("REPORT "))
         for out in outputs for line in out.splitlines() if line.startswith("REPORT ")
@@ -62,21 +45,8 @@ def test_multi_process_export_of_many_layers_writes_the_weights(tmp_path):
 
     model_dir = save_tiny_model(tmp_path / "model", vocab_size=128, num_hidden_layers=24)
     out_dir = tmp_path / "export"
-    worker = Path(__file__).with_name("export_worker.py")
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(model_dir), str(out_dir), coordinator, "2", str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    results = run_jax_processes(Path(__file__).with_name("export_worker.py"), [model_dir, out_dir], 2, 240)
+    assert all(code == 0 for code, _ in results), "\n".join(out for _, out in results)
     original, exported = load_file(model_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     assert original.keys() == exported.keys()
     for name in original:

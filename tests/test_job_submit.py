@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, write_jsonl
-from test_sharded_loading import _free_port
+from conftest import free_port
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
@@ -26,7 +26,7 @@ def head_node(tmp_path, monkeypatch):
     `ray stop` would stop every Ray on the machine. Token auth is off for this
     localhost-only cluster, in the head and in every client here."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Ray's temp dir under a base of its own: clients with RAY_TMPDIR=base find this head
     # as they would find a `ray start` cluster in /tmp/ray.
     base = Path("/tmp") / f"raysft-job-{os.getpid()}"
@@ -36,7 +36,7 @@ def head_node(tmp_path, monkeypatch):
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--include-dashboard=true",
                f"--temp-dir={temp_dir}", "--disable-usage-stats",
                # The test session's own Ray holds the default agent ports on this machine.
-               *(f"--{name}={_free_port()}" for name in (
+               *(f"--{name}={free_port()}" for name in (
                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                    "runtime-env-agent-port", "ray-client-server-port"))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, write_jsonl
-from conftest import free_port
+from conftest import CORPUS, free_port, write_jsonl
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 

@@ -56,6 +56,23 @@ def filesystem(url: str):
     return fs, path
 
 
+def portable_filesystem(url: str):
+    """(pyarrow FileSystem, path) for a URI, to be pickled to a process on another node:
+    an S3 filesystem carries the driver's endpoint and credentials from the standard
+    environment (a filesystem from `filesystem` resolves them again where it lands)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    env = os.environ
+    if url.startswith("s3://") and env.get("AWS_ACCESS_KEY_ID"):
+        fs = pafs.S3FileSystem(
+            access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=env.get("AWS_SESSION_TOKEN"), region=fs.region,
+            endpoint_override=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        )
+    return fs, path
+
+
 def first_line(err: BaseException) -> str:
     """An error's first line: what a one-line message quotes of a library's error."""
     text = str(err).strip()

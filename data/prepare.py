@@ -17,12 +17,15 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
+from etils import epath
 
 from raysft.data import sources
 from raysft.data.chat import require_chat_template
 from raysft.data.data_nodes import cpus_matching
 from raysft.data.errors import DataError
+from raysft.data.files import storage_env
 from raysft.data.formats import detect_format
+from raysft.data.locations import is_object_storage, local_copy, location, make_dir, remove_tree
 from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
 from raysft.data.rows import Bins, Placements, best_fit_decreasing, bin_placements, wrapped_placements
 from raysft.data.settings import DataSettings
@@ -34,6 +37,7 @@ CHAT_FORMATS = ("messages", "sharegpt")
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """Of a local directory (`locations.local_copy` of one on object storage)."""
     digest = hashlib.sha256()
     for file in sorted(tokenizer_dir.iterdir()):
         if file.is_file():
@@ -54,9 +58,9 @@ def _function_fingerprint(fn: Callable | None) -> str | None:
 
 def prepare_dataset(
     source: Any,
-    tokenizer_dir: Path,
+    tokenizer_dir: str | os.PathLike,
     settings: DataSettings,
-    store_root: Path,
+    store_root: str | os.PathLike,
     *,
     batch_size: int = 1000,
     num_proc: int | None = None,
@@ -76,7 +80,16 @@ def prepare_dataset(
     document's length and place, plans the rows and collects the stats. No progress for
     `timeout_s` (no encoded batch, no row shard written) ends it with `Stalled`. Every
     task runs on the nodes `label_selector` matches (`data_nodes.off_tpu_hosts`).
+
+    `store_root` and `tokenizer_dir` are local directories every node sees or
+    object-storage prefixes. Locally a store is written under a temporary name and
+    renamed; on object storage its rows are written in place and `meta.json`, written
+    last, is what makes it a store (an interrupted one is written again, identically).
     """
+    store_root = location(store_root)
+    local_tokenizer = local_copy(tokenizer_dir)
+    # The tasks read the tokenizer and write the store with the driver's credentials.
+    env = storage_env([store_root.as_posix(), location(tokenizer_dir).as_posix()])
     # Set before any dataset is made: a dataset keeps the context it was made in.
     context = ray.data.DataContext.get_current()
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
@@ -87,7 +100,7 @@ def prepare_dataset(
     # sources with row numbers are put in order by the driver, the others by Ray Data,
     # which then holds finished batches back behind slower ones.
     context.execution_options.preserve_order = not src.numbered
-    identity = [tokenizer_fingerprint(tokenizer_dir), dataclasses.asdict(settings),
+    identity = [tokenizer_fingerprint(local_tokenizer), dataclasses.asdict(settings),
                 _function_fingerprint(formatting_func), STORE_FORMAT]
     fingerprint = _fingerprint(src.fingerprint, identity) if src.fingerprint else None
     if fingerprint and RowStore.exists(store_root / fingerprint):  # a resumed run reads no row
@@ -97,11 +110,12 @@ def prepare_dataset(
     if fmt in CHAT_FORMATS:
         from transformers import AutoTokenizer
 
-        require_chat_template(AutoTokenizer.from_pretrained(tokenizer_dir), src.name)
+        require_chat_template(AutoTokenizer.from_pretrained(local_tokenizer), src.name)
 
+    in_place = is_object_storage(store_root)
     work = store_root / f".preparing-{uuid.uuid4().hex[:12]}"
     docs_dir = work / "docs"
-    docs_dir.mkdir(parents=True)
+    make_dir(docs_dir)
     try:
         encoded = src.read().map_batches(
             EncodeRows,
@@ -114,6 +128,7 @@ def prepare_dataset(
             # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
             compute=_encoder_pool(num_proc, label_selector),
             num_cpus=1,
+            runtime_env={"env_vars": env} if env else None,
         )
         docs, stats = _collect(encoded, src.name, timeout_s)
         content_hash = stats.pop("content_hash")
@@ -123,25 +138,26 @@ def prepare_dataset(
                 return _reuse(store_root / fingerprint, report)
         placements = _plan(docs.length, settings)
         store_dir = store_root / fingerprint
+        rows_dir = store_dir if in_place else work
         with _bar(placements.num_rows, "writing rows", report) as bar:
             shard_sizes = write_row_shards(
-                placements, docs, docs_dir, work, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar else None, timeout_s=timeout_s, name=src.name,
+                placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
+                progress=bar.update if bar else None, timeout_s=timeout_s, name=src.name, env=env,
             )
         stats.update(
             fingerprint=fingerprint, format=fmt, rows=placements.num_rows, seq_len=settings.seq_len,
             padding_fraction=float(1 - stats["tokens"] / max(placements.num_rows * settings.seq_len, 1)),
             packing=settings.packing_strategy if settings.packing else "none",
         )
-        shutil.rmtree(docs_dir)
-        (work / META_FILE).write_text(json.dumps(dict(stats, num_rows=placements.num_rows, shard_rows=shard_sizes),
-                                                  indent=2))
-        (work / "stats.json").write_text(json.dumps(stats, indent=2))
-        if not RowStore.exists(store_dir):  # else another process finished the same store first
+        remove_tree(docs_dir)
+        (rows_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+        (rows_dir / META_FILE).write_text(json.dumps(dict(stats, num_rows=placements.num_rows, shard_rows=shard_sizes),
+                                                     indent=2))
+        if not in_place and not RowStore.exists(store_dir):  # else another process finished the same store first
             shutil.rmtree(store_dir, ignore_errors=True)
             work.rename(store_dir)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
     if report:
         report(format_stats(stats))
     return RowStore(store_dir)
@@ -166,7 +182,7 @@ def _fingerprint(source_fingerprint: str, identity: list) -> str:
     return hashlib.sha256(json.dumps([source_fingerprint, *identity], sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _reuse(store_dir: Path, report) -> RowStore:
+def _reuse(store_dir: epath.Path, report) -> RowStore:
     store = RowStore(store_dir)
     if report:
         report(f"{format_stats(store.meta)} (prepared before: {store_dir})")

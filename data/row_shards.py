@@ -5,13 +5,14 @@ so neither the driver nor any one task holds the dataset."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import ray
+from etils import epath
 
 from raysft.data.data_nodes import task_options
+from raysft.data.locations import load_array, location, save_array
 from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
 from raysft.data.stall import DEFAULT_TIMEOUT_S, stalled
 from raysft.data.store import shard_file
@@ -36,9 +37,9 @@ def rows_per_shard(seq_len: int) -> int:
     return max(1, SHARD_BYTES // bytes_per_row)
 
 
-def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, store_dir: Path, seq_len: int,
+def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Path, store_dir: epath.Path, seq_len: int,
                      shard_rows: int, progress: Callable[[int], None] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     name: str = "rows") -> list[int]:
+                     name: str = "rows", env: dict[str, str] | None = None) -> list[int]:
     """Row shards of `shard_rows` rows (the last one shorter), one task each, spread over
     the cluster's nodes; returns the row count of each shard."""
     bounds = list(range(0, placements.num_rows, shard_rows)) + [placements.num_rows]
@@ -48,7 +49,7 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: Path, st
         part = placements.rows(start, stop)
         needed = np.unique(part.doc).tolist()
         places = {d: (docs.shard_names[docs.shard[d]], int(docs.offset[d]), int(docs.length[d])) for d in needed}
-        write = _write_shard.options(**task_options(selector))
+        write = _write_shard.options(**task_options(selector), runtime_env={"env_vars": env} if env else None)
         pending[write.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
     remaining = list(pending)
     while remaining:
@@ -70,10 +71,10 @@ def _write_shard(store_dir: str, index: int, part: Placements, places: dict[int,
     def document(d: int):
         shard, offset, length = places[d]
         if shard not in opened:
-            opened[shard] = tuple(np.load(doc_file(docs_dir, shard, f), mmap_mode="r") for f in DOC_FILES)
+            opened[shard] = tuple(load_array(doc_file(docs_dir, shard, f)) for f in DOC_FILES)
         ids, weights = opened[shard]
         return ids[offset : offset + length], weights[offset : offset + length]
 
     rows = fill_rows(part, seq_len, document)
     for name, array in rows.items():
-        np.save(shard_file(Path(store_dir), name, index), array)
+        save_array(shard_file(location(store_dir), name, index), array)

@@ -8,37 +8,47 @@ the seed and `s`. A restarted run reads the exact next batch without replaying a
 
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
+import os
 
 import numpy as np
+from etils import epath
 
+from raysft.data.locations import local_copy, location
 from raysft.data.rows import ROW_FIELDS
 
 META_FILE = "meta.json"
 
 
-def shard_file(store_dir: Path, name: str, index: int) -> Path:
+def shard_file(store_dir, name: str, index: int):
     return store_dir / f"{name}.{index:05d}.npy"
 
 
 class RowStore:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """`path`: a local directory or an object-storage prefix; a host reads the rows from
+    its own copy of the latter, fetched on the first read (the driver reads only the meta)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = location(path)
         self.meta = json.loads((self.path / META_FILE).read_text())
         self.num_rows: int = self.meta["num_rows"]
         self.seq_len: int = self.meta["seq_len"]
         self.fingerprint: str = self.meta["fingerprint"]
         self._starts = np.cumsum([0] + self.meta["shard_rows"])
-        self._shards = [
-            {name: np.load(shard_file(self.path, name, i), mmap_mode="r") for name in ROW_FIELDS}
-            for i in range(len(self.meta["shard_rows"]))
-        ]
         self._order_key: tuple[int, int] | None = None
         self._order = np.empty(0, np.int64)
 
+    @functools.cached_property
+    def _shards(self) -> list[dict[str, np.ndarray]]:
+        local = local_copy(self.path)
+        return [
+            {name: np.load(shard_file(local, name, i), mmap_mode="r") for name in ROW_FIELDS}
+            for i in range(len(self.meta["shard_rows"]))
+        ]
+
     @staticmethod
-    def exists(path: Path) -> bool:
+    def exists(path: epath.Path) -> bool:
         return (path / META_FILE).is_file()
 
     def steps_per_epoch(self, global_batch: int) -> int:

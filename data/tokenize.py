@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
 from raysft.data.encode import Encoder
 from raysft.data.errors import BadRow
 from raysft.data.formats import to_example
+from raysft.data.locations import local_copy, location, save_array
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER
 from raysft.data.settings import DataSettings
 
@@ -32,8 +34,8 @@ POLICY_DROPS = ("too_long", "no_trained_tokens")
 DOC_FILES = ("ids", "weights")
 
 
-def doc_file(docs_dir: str | Path, shard: str, name: str) -> Path:
-    return Path(docs_dir) / f"{shard}.{name}.npy"
+def doc_file(docs_dir: str | Path, shard: str, name: str) -> epath.Path:
+    return location(docs_dir) / f"{shard}.{name}.npy"
 
 
 class EncodeRows:
@@ -42,7 +44,7 @@ class EncodeRows:
         from transformers import AutoTokenizer
 
         self.settings = DataSettings(**settings)
-        self.encoder = Encoder(AutoTokenizer.from_pretrained(tokenizer_dir), self.settings)
+        self.encoder = Encoder(AutoTokenizer.from_pretrained(local_copy(tokenizer_dir)), self.settings)
         self.fmt, self.parts, self.formatting_func = fmt, parts, formatting_func
         self.docs_dir, self.hash_rows = docs_dir, hash_rows
 
@@ -116,7 +118,7 @@ class EncodeRows:
         if ids_out:
             shard = uuid.uuid4().hex
             for name, pieces in zip(DOC_FILES, (ids_out, weights_out)):
-                np.save(doc_file(self.docs_dir, shard, name), np.concatenate(pieces))
+                save_array(doc_file(self.docs_dir, shard, name), np.concatenate(pieces))
         columns = list(zip(*records)) if records else [()] * 12
         out = {name: np.asarray(values, dtype) for (name, dtype), values in zip(RECORD_COLUMNS.items(), columns)}
         out["shard"] = np.full(len(records), shard)

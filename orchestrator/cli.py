@@ -139,13 +139,15 @@ def run_preprocess(argv: list[str]) -> int:
     def run() -> int:
         from transformers import AutoTokenizer
 
+        from raysft.data.locations import local_copy
         from raysft.data.show import show_rows
 
         config, launch = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
         tokenizer_dir, train_store, _ = _trainer(config, launch).prepare_data()
         if launch["show"]:
             print(f"\n{launch['show']} prepared examples drawn at random (seed {config.seed}); trained tokens are inside [[ ]]:")
-            print(show_rows(train_store, AutoTokenizer.from_pretrained(tokenizer_dir), launch["show"], config.seed))
+            tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
+            print(show_rows(train_store, tokenizer, launch["show"], config.seed))
         print(f"\nprepared rows: {train_store.path}")
         return 0
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from etils import epath
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raysft.data.locations import location
 from raysft.orchestrator.tpu import TpuSlice
 from raysft.workers.mesh import ShardingError, check_dims, resolve_dims
 
@@ -39,7 +41,10 @@ class SFTConfig(BaseModel):
 
     # Run identity: checkpoints, data and export live under save_directory/model_name.
     model_name: str = Field("raysft", description="Run name; the run directory is save_directory/model_name.")
-    save_directory: str = Field("runs", description="Root directory of runs (shared storage on clusters).")
+    save_directory: str = Field(
+        "runs", description="Root directory of runs: a local directory, or on clusters s3://bucket/prefix, "
+        "gs://bucket/prefix or a filesystem every host mounts at the same path."
+    )
 
     # Data
     dataset_text_field: str = Field("text", description="Column holding the training text.")
@@ -196,14 +201,7 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SFTConfig":
-        if "://" in self.save_directory:
-            # Path("s3://bucket/runs") is a local folder named "s3:": a run there would be
-            # lost with the VM while the user believes it is in the bucket.
-            scheme = self.save_directory.split("://", 1)[0]
-            raise ValueError(
-                f"save_directory {self.save_directory!r}: {scheme}:// is not supported for runs yet; use a directory "
-                "on storage every host sees (a shared filesystem, or a bucket mounted at the same path on every host)"
-            )
+        location(self.save_directory)  # an unknown URI scheme is refused, never a local folder "scheme:"
         if self.scheduler == Schedulers.NONE and self.learning_rate_end is not None:
             raise ValueError("learning_rate_end is set but scheduler is 'none'; use scheduler='linear' or 'cosine'")
         if self.warmup_ratio is not None and self.warmup_steps:
@@ -262,8 +260,9 @@ class SFTConfig(BaseModel):
         return tpu.num_workers if tpu else self.num_hosts
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.save_directory).absolute() / self.model_name
+    def run_dir(self) -> epath.Path:
+        """save_directory/model_name: a local directory or an object-storage prefix."""
+        return location(self.save_directory) / self.model_name
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "SFTConfig":

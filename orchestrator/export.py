@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+from etils import epath
+
+from raysft.data.locations import location
 
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import DType
@@ -19,20 +23,26 @@ class ExportFailed(RuntimeError):
     """The export workers failed; the message carries the workers' own error."""
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Complete checkpoints of a run: orbax names a step's directory only once it is committed."""
-    import orbax.checkpoint as ocp
+def checkpoint_steps(run_dir: epath.Path) -> list[int]:
+    """Complete checkpoints of a run (orbax lists a step only once it is committed)."""
+    from raysft.workers.checkpoint import Checkpoints
 
     directory = run_dir / "checkpoints"
-    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    checkpoints = Checkpoints(str(directory), keep=None)
+    try:
+        return sorted(checkpoints.manager.all_steps())
+    finally:
+        checkpoints.close()
 
 
 def export_checkpoint(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike,
     step: int | None = None,
-    output_dir: str | Path | None = None,
+    output_dir: str | os.PathLike | None = None,
     export_dtype: DType | None = None,
-) -> Path:
+) -> epath.Path:
     """Write checkpoint `step` (default: the latest) of `run_dir` as safetensors, config,
     generation config and tokenizer files to `output_dir` (default `run_dir/export-step-N`).
 
@@ -40,7 +50,7 @@ def export_checkpoint(
     so a model too large for one host exports as it trained."""
     from ray.train import TrainingFailedError
 
-    run_dir = Path(run_dir).absolute()
+    run_dir = location(run_dir)
     record = RunRecord.read(run_dir)
     steps = checkpoint_steps(run_dir)
     if not steps:
@@ -48,7 +58,7 @@ def export_checkpoint(
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"{run_dir / 'checkpoints'} has no step {step}; complete steps: {', '.join(map(str, steps))}")
-    output = Path(output_dir).absolute() if output_dir else run_dir / f"export-step-{step}"
+    output = location(output_dir) if output_dir else run_dir / f"export-step-{step}"
     config = record.config
     if export_dtype:
         config = config.model_copy(update={"export_dtype": export_dtype})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+from etils import epath
 
 from raysft.orchestrator.config import SFTConfig
 from raysft.workers.models.source import ModelSource
@@ -18,7 +18,7 @@ class RunRecord:
     model: ModelSource  # pinned: an export loads what training loaded
     config: SFTConfig
 
-    def write(self, run_dir: Path) -> None:
+    def write(self, run_dir: epath.Path) -> None:
         record = {
             "model": str(self.model),
             # Only what was set: defaults of a later raysft apply on reading, as they would on a rerun.
@@ -27,8 +27,8 @@ class RunRecord:
         (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
-    def read(cls, run_dir: Path) -> "RunRecord":
-        path = Path(run_dir) / RUN_FILE
+    def read(cls, run_dir: epath.Path) -> "RunRecord":
+        path = run_dir / RUN_FILE
         if not path.is_file():
             raise ValueError(f"{run_dir} is not a raysft run directory: no {RUN_FILE} (train() writes it)")
         record = json.loads(path.read_text())

@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from etils import epath
+
 from raysft.data.data_nodes import off_tpu_hosts
+from raysft.data.locations import is_object_storage, location, make_dir, staging_dir, upload
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
@@ -37,9 +40,9 @@ class TrainingFailed(RuntimeError):
 class TrainOutput:
     """What a finished `train()` produced; `summary` is also in `run_dir/summary.json`."""
 
-    run_dir: Path
-    export_dir: Path
-    checkpoint_dir: Path
+    run_dir: epath.Path  # local, or an object-storage prefix
+    export_dir: epath.Path
+    checkpoint_dir: epath.Path
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
 
@@ -85,16 +88,19 @@ class SFTTrainer:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self.tokenizer
 
-    def _save_tokenizer(self, out_dir: Path) -> Path:
-        self._load_tokenizer().save_pretrained(out_dir)
-        return out_dir
+    def _save_tokenizer(self, target: epath.Path) -> epath.Path:
+        local = staging_dir(target)
+        self._load_tokenizer().save_pretrained(local)
+        if is_object_storage(target):
+            upload(local, target)
+        return target
 
     def prepare_data(self):
         """Tokenize and pack the datasets on Ray Data (or reuse the prepared stores):
         (tokenizer_dir, train store, eval store or None)."""
         args = self.args
         run_dir = args.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
         connect(args.hosts)
         tpu = args.tpu_slice
@@ -170,9 +176,8 @@ class SFTTrainer:
         run_dir = args.run_dir
         if args.backend == "tpu" and args.plan_before_training:
             self.check_fits()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = write_marker(run_dir)  # first: an unwritable save_directory is one line, before Ray starts
         connect(args.hosts)
-        marker = write_marker(run_dir)
         check_every_node(marker, str(self.model))
         tokenizer_dir, train_store, eval_store = self.prepare_data()
         RunRecord(self.model, args).write(run_dir)
@@ -181,7 +186,7 @@ class SFTTrainer:
         summary_file.unlink(missing_ok=True)
         tracker = None
         if args.use_wandb:
-            tracker = WandbTracker(run_dir, args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json"))
+            tracker = WandbTracker(staging_dir(run_dir), args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json"))
         try:
             with ProgressReporter(quiet=self.quiet, sinks=[tracker] if tracker else []) as progress:
                 spec = TrainSpec.from_config(
@@ -200,16 +205,21 @@ class SFTTrainer:
             if not summary_file.is_file():
                 raise TrainingFailed(f"training ended without writing {summary_file}")
             summary = json.loads(summary_file.read_text())
-            write_report(run_dir / "report", progress.records, {"model_name": args.model_name, **summary})
+            report = staging_dir(run_dir / "report")
+            write_report(report, progress.records, {"model_name": args.model_name, **summary})
+            if is_object_storage(run_dir):
+                upload(report, run_dir / "report")
         except BaseException:
             if tracker:
                 tracker.fail()
             raise
         if tracker:
             tracker.finish(summary)
-        return TrainOutput(run_dir, Path(spec.export_dir), Path(spec.checkpoint_dir), summary, progress.records)
+        return TrainOutput(
+            run_dir, location(spec.export_dir), location(spec.checkpoint_dir), summary, progress.records
+        )
 
-    def _fit(self, spec: TrainSpec, run_dir: Path, progress: ProgressReporter) -> None:
+    def _fit(self, spec: TrainSpec, run_dir: epath.Path, progress: ProgressReporter) -> None:
         """Run attempts until one finishes; each failed one restarts from the latest
         checkpoint while its kind's budget lasts (see `restarts`)."""
         from ray.train import TrainingFailedError

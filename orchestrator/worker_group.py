@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
-from raysft.data.files import STORAGE_ENV
+from etils import epath
+
+from raysft.data.files import STORAGE_ENV, portable_filesystem
+from raysft.data.locations import is_object_storage
 from raysft.orchestrator.config import SFTConfig
 
 
-def worker_group(args: SFTConfig, loop: Callable[[dict], None], loop_config: dict[str, Any], run_dir: Path, name: str):
+def worker_group(
+    args: SFTConfig, loop: Callable[[dict], None], loop_config: dict[str, Any], run_dir: epath.Path, name: str
+):
     """A `JaxTrainer` that runs `loop(loop_config)` on every host once; Ray retries nothing
     (the caller decides what a failure means)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -36,13 +40,18 @@ def worker_group(args: SFTConfig, loop: Callable[[dict], None], loop_config: dic
     env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
     if args.backend == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
+    # Ray Train's own run state goes next to the run. On object storage, as a filesystem
+    # made here: its controller runs on another node, without the driver's environment.
+    storage_fs, storage_path = portable_filesystem((run_dir / "ray").as_posix()) if is_object_storage(run_dir) else (
+        None, str(run_dir / "ray"))
     return JaxTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=RunConfig(
             name=name,
-            storage_path=str(run_dir / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
             worker_runtime_env={"env_vars": env},
         ),

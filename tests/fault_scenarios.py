@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 # Ray Train polls for node drains every 5 s by default; the cluster's processes inherit this.
@@ -28,13 +29,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CORPUS, save_tiny_model, train_tokenizer, write_jsonl  # noqa: E402
 
 import raysft as rs  # noqa: E402
+from raysft.data.locations import local_copy  # noqa: E402
+from raysft.orchestrator.export import checkpoint_steps, export_checkpoint  # noqa: E402
 
-HOST = {"num_cpus": 1, "resources": {"raysft_host": 1}}
+def host(out_dir: Path) -> dict:
+    """A training node with its own cache (as its own disk would be): what it reads of a
+    run on object storage it fetches itself."""
+    cache = out_dir / "node-caches" / uuid.uuid4().hex[:8]
+    return {"num_cpus": 1, "resources": {"raysft_host": 1}, "env_vars": {"RAYSFT_CACHE": str(cache)}}
 SAVE_STEPS = 5
 STEPS = 60
 
 
-def config(save_directory: Path, **overrides) -> rs.SFTConfig:
+def config(save_directory: str, **overrides) -> rs.SFTConfig:
     settings = dict(
         model_name="fault",
         save_directory=str(save_directory),
@@ -60,24 +67,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    directory = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-
-
-def wait_for_checkpoint(run_dir: Path, step: int, done: threading.Event) -> bool:
+def wait_for_checkpoint(run_dir, step: int, done: threading.Event) -> bool:
     """Wait until a checkpoint at or after `step` is committed (False if training ended first)."""
     while not any(s >= step for s in checkpoint_steps(run_dir)):
         if done.is_set():
             return False
-        time.sleep(0.02)
+        time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.3))  # an arbitrary step, not the checkpoint's
     return True
 
 
-def train(runs_dir: Path, name: str, model_dir: Path, data_dir: Path, interrupt=None, **overrides) -> dict:
+def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupt=None, **overrides) -> dict:
     """Train in a thread; the main thread (which Ray needs to start nodes) interrupts it."""
-    cfg = config(runs_dir / name, **overrides)
+    cfg = config(f"{runs_dir}/{name}", **overrides)
     event: dict = {}
     result: dict = {}
     done = threading.Event()
@@ -108,18 +110,44 @@ def train(runs_dir: Path, name: str, model_dir: Path, data_dir: Path, interrupt=
         "seconds": time.perf_counter() - started,
         "summary": {k: v for k, v in out.summary.items() if k != "spec"},
         "records": out.metrics,
-        "export_dir": str(out.export_dir),
+        # A local copy of an export on object storage, for the test to read after the server is gone.
+        "export_dir": str(local_copy(out.export_dir)),
+        "run_dir": str(out.run_dir),
         "event": event,
     }
 
 
-SCENARIOS = ("uninterrupted", "node_killed", "node_drained")
+SCENARIOS = ("uninterrupted", "node_killed", "node_drained", "node_killed_s3")
+BUCKET = "raysft-runs"
+
+
+def object_storage() -> str:
+    """A real S3-compatible server on 127.0.0.1 (moto's) with a bucket; the driver's
+    environment points at it, the nodes' does not: raysft passes it on."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return f"s3://{BUCKET}/runs"
+
+
+def bucket_files() -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
 def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
     """Each scenario's summary, metric records and interruption; `no_checkpoints` is an
     uninterrupted run that never saves (the baseline of the save overhead)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["RAYSFT_CACHE"] = str(out_dir / "driver-cache")  # the driver's own disk, not the user's cache
     model_dir = out_dir / "model"
     tokenizer = train_tokenizer(model_dir)
     save_tiny_model(model_dir, len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, head_dim=32)
@@ -132,18 +160,19 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
         # Its own dashboard port: the test session's embedded Ray holds the default one.
         head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()},
     )
-    nodes = [cluster.add_node(**HOST) for _ in range(2)]
+    nodes = [cluster.add_node(**host(out_dir)) for _ in range(2)]
     ray.init(address=cluster.address)
+    object_runs = object_storage() if "node_killed_s3" in scenarios else None
     results = {}
 
-    def kill(event: dict, run_dir: Path) -> None:
+    def kill(event: dict, run_dir) -> None:
         event["checkpoints_at_kill"] = checkpoint_steps(run_dir)
         victim = nodes.pop()
         event["killed_at"] = time.time()
         cluster.remove_node(victim, allow_graceful=False)
-        nodes.append(cluster.add_node(**HOST))  # the replacement the autoscaler would bring
+        nodes.append(cluster.add_node(**host(out_dir)))  # the replacement the autoscaler would bring
 
-    def drain(event: dict, run_dir: Path) -> None:
+    def drain(event: dict, run_dir) -> None:
         victim = nodes.pop()
         event["drained_at"] = time.time()
         subprocess.run(
@@ -152,14 +181,24 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
              "--deadline-remaining-seconds", "60"],
             check=True,
         )
-        nodes.append(cluster.add_node(**HOST))  # a drained node takes no new work
+        nodes.append(cluster.add_node(**host(out_dir)))  # a drained node takes no new work
         event["drained_node"] = victim.node_id
 
     try:
         for name in scenarios:
-            interrupt = {"node_killed": kill, "node_drained": drain}.get(name)
+            interrupt = {"node_killed": kill, "node_drained": drain, "node_killed_s3": kill}.get(name)
             extra = dict(save_steps=None, do_last_save=False) if name == "no_checkpoints" else {}
-            results[name] = train(out_dir / "runs", name, model_dir, data_dir, interrupt, **overrides, **extra)
+            runs = object_runs if name == "node_killed_s3" else str(out_dir / "runs")
+            results[name] = train(runs, name, model_dir, data_dir, interrupt, **overrides, **extra)
+        if object_runs and "error" not in results["node_killed_s3"]:
+            # `raysft export` of the run's latest checkpoint, all from the bucket.
+            exported = export_checkpoint(results["node_killed_s3"]["run_dir"])
+            results["node_killed_s3"]["exported_latest"] = str(local_copy(exported))
+            results["node_killed_s3"]["bucket_files"] = bucket_files()
+            results["node_killed_s3"]["node_caches"] = {
+                node.name: sorted(c.name for c in (node / "copies").glob("*") if c.is_dir())
+                for node in (out_dir / "node-caches").iterdir()
+            }
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -88,7 +88,7 @@ def main(work: str, hub_id: str, s3_uri: str, data_file: str) -> None:
             "hub_losses": [r["loss"] for r in hub.metrics if r["event"] == "step"],
             "s3_losses": [r["loss"] for r in s3.metrics if r["event"] == "step"],
             "driver_rss_growth": rss.peak - rss.before, "handle_read_weights": "params" in vars(handle),
-            "node_caches": {node: sorted(p.name for p in (work / node / "raysft" / "models").glob("*") if p.is_dir())
+            "node_caches": {node: sorted(p.name for p in (work / node / "raysft" / "copies").glob("*") if p.is_dir())
                             for node in ("node0", "node1")},
             "run_model": json.loads((work / "runs" / "s3" / "run.json").read_text())["model"],
         }))

@@ -70,6 +70,20 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_unreachable_object_storage_is_one_line(tmp_path, capsys, s3_server, tiny_model_dir):
+    """A bucket that does not exist stops the run in one line naming the URI, before Ray
+    starts or any data is read; an unsupported scheme names the supported ones."""
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "the cat sat"}])
+    argv = ["sft", "--repo_id", str(tiny_model_dir), "--dataset_name", str(data), "--model_name", "run"]
+    assert main([*argv, "--save_directory", "s3://no-such-bucket/runs"]) == 2
+    assert capsys.readouterr().err == (
+        "raysft sft: save_directory: cannot write s3://no-such-bucket/runs/run: The specified bucket does not exist\n"
+    )
+    assert main([*argv, "--save_directory", "hdfs://cluster/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "hdfs://cluster/runs: unsupported URI scheme 'hdfs'; use a local directory or one of s3://, gs://" in err
+
+
 def test_preprocess_shows_masks_and_stats_without_training(local_ray, tmp_path, capsys, chat_model_dir):
     rows = [{"messages": [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "on the mat"}]}] * 4
     data = write_jsonl(tmp_path / "chat.jsonl", rows)

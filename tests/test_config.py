@@ -31,8 +31,8 @@ def test_unknown_key_is_an_error():
         ({"num_hosts": 2, "sharding_axis_dims": (1, 3, -1, 1)}, r"sharding_axis_dims \(1, 3, -1, 1\) \(dp, fsdp, tp, sp\) do not fit the 4 devices"),
         ({"sharding_axis_dims": (1, -1, -1, 1)}, "at most one -1"),
         ({"dtype": "float16"}, "dtype\n  Input should be 'float32' or 'bfloat16'"),
-        # Never a local folder named "s3:" that the user takes for the bucket.
-        ({"save_directory": "s3://bucket/runs"}, r"save_directory 's3://bucket/runs': s3:// is not supported for runs yet"),
+        # Never a local folder named "ftp:" that the user takes for the server.
+        ({"save_directory": "ftp://host/runs"}, r"ftp://host/runs: unsupported URI scheme .ftp.; use a local directory or one of s3://, gs://"),
     ],
 )
 def test_invalid_values_are_named(fields, message):

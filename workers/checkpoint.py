@@ -1,8 +1,8 @@
 """Orbax checkpoints of the training state, saved asynchronously and committed atomically.
 
 Orbax writes each step into a temporary directory and renames it when every host has
-finished, so a save killed midway leaves no step behind and `latest_step` is always a
-complete one.
+finished (on object storage: writes a commit file last), so a save killed midway leaves
+no step behind and `latest_step` is always a complete one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+
+from raysft.workers.object_checkpoints import enable_s3, is_object_storage, object_storage_options
 
 
 class ResumeMismatch(ValueError):
@@ -52,12 +54,19 @@ class Checkpoints:
     """Params and optimizer state per step, with the run's metadata next to them."""
 
     def __init__(self, directory: str | Path, keep: int | None):
+        atomicity = None
+        if is_object_storage(directory):
+            enable_s3()
+            atomicity = object_storage_options()
+        else:
+            directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 enable_async_checkpointing=True,
                 create=True,
+                atomicity_options=atomicity,
             ),
         )
 

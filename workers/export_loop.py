@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from raysft.workers.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
 
@@ -24,5 +22,5 @@ def export_loop_per_worker(config: dict) -> None:
     params = checkpoints.restore_params(step, model.abstract_params())
     checkpoints.close()
     watchdog.progress("exporting")
-    model.export(params, Path(spec.export_dir), spec.export_dtype, Path(spec.tokenizer_dir))
+    model.export(params, spec.export_dir, spec.export_dtype, spec.tokenizer_dir)
     watchdog.close()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
+from raysft.data.locations import local_copy, location
 from raysft.workers.mesh import global_mesh, param_sharding
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig, read_hf_config
@@ -53,8 +54,10 @@ class ShardedModel:
             for name, s in self.layout.shapes.items()
         }
 
-    def export(self, params: dict[str, jax.Array], out_dir: Path, dtype: str, tokenizer_dir: Path) -> None:
-        """The Hugging Face directory: every host takes part in gathering, host 0 writes."""
-        save_pretrained(params, self.hf_config, out_dir, dtype=dtype)
+    def export(self, params: dict[str, jax.Array], out_dir: str, dtype: str, tokenizer_dir: str) -> None:
+        """The Hugging Face directory (local or object storage): every host takes part in
+        gathering, host 0 writes."""
+        out = location(out_dir)
+        save_pretrained(params, self.hf_config, out, dtype=dtype)
         if jax.process_index() == 0:
-            write_assets(out_dir, self.hf_config, self.model_dir, tokenizer_dir=tokenizer_dir)
+            write_assets(out, self.hf_config, self.model_dir, tokenizer_dir=local_copy(tokenizer_dir))

@@ -10,14 +10,28 @@ import socket
 import uuid
 from pathlib import Path
 
+from etils import epath
+
+from raysft.data.files import first_line
+from raysft.data.locations import make_dir
+
 MARKER = ".raysft-driver-marker"
 
 
-def write_marker(run_dir: Path) -> tuple[str, str]:
-    """(marker path, token) for the workers to check."""
+class StorageUnreachable(ValueError):
+    """The driver cannot write the run directory (missing bucket, credentials, permissions)."""
+
+
+def write_marker(run_dir: epath.Path) -> tuple[str, str]:
+    """(marker path, token) for the workers to check; the first write of a run, so an
+    unwritable save_directory is one line naming it."""
     token = uuid.uuid4().hex
-    marker = Path(run_dir) / MARKER
-    marker.write_text(token)
+    marker = run_dir / MARKER
+    try:
+        make_dir(run_dir)
+        marker.write_text(token)
+    except Exception as err:  # noqa: BLE001 - missing bucket, credentials, permissions alike
+        raise StorageUnreachable(f"save_directory: cannot write {run_dir}: {first_line(err)}") from None
     return str(marker), token
 
 
@@ -27,14 +41,14 @@ def unseen_marker(marker: tuple[str, str] | None) -> str | None:
         return None
     path, token = marker
     try:
-        if Path(path).read_text() == token:
+        if epath.Path(path).read_text() == token:
             return None
-    except OSError:
+    except Exception:  # noqa: BLE001 - missing, unreadable, no credentials on this host: all "not seen"
         pass
     return (
-        f"save_directory {Path(path).parent.parent} is not the driver's storage on host {socket.gethostname()} "
+        f"save_directory {epath.Path(path).parent.parent} is not the driver's storage on host {socket.gethostname()} "
         f"({path} is missing or from another run): with more than one node it must be storage every host sees "
-        "(a shared filesystem mounted at the same path on every host)"
+        "(s3:// or gs://, or a shared filesystem mounted at the same path on every host)"
     )
 
 

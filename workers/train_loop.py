@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import time
-from pathlib import Path
 
 from raysft.workers.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
@@ -18,6 +17,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     # JAX is imported only after the distributed runtime is up (TPU hosts lock at import).
     import jax
 
+    from raysft.data.locations import location
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
@@ -170,9 +170,8 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     if eval_end:
         publish({"event": "eval", "step": step, **eval_end})
 
-    export_dir = Path(spec.export_dir)
     watchdog.progress("exporting", spec.startup_timeout_s)
-    model.export(params, export_dir, spec.export_dtype, Path(spec.tokenizer_dir))
+    model.export(params, spec.export_dir, spec.export_dtype, spec.tokenizer_dir)
     summary = {
         "start_step": start_step,
         "final_step": step,
@@ -188,12 +187,12 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "attn_mechanism": model.runtime.mechanism,
         "param_bytes_read_by_rank0": param_bytes_read,
         "data_fingerprint": store.fingerprint,
-        "export_dir": str(export_dir),
+        "export_dir": spec.export_dir,
         "checkpoint_dir": spec.checkpoint_dir,
         "spec": {k: v for k, v in spec.as_dict().items() if k != "metrics_queue"},
     }
     if rank0:
-        Path(spec.summary_file).write_text(json.dumps(summary, indent=2))
+        location(spec.summary_file).write_text(json.dumps(summary, indent=2))
     watchdog.close()
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 

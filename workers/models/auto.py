@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from raysft.data.locations import location
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.llama import LlamaForCausalLM
@@ -53,10 +54,11 @@ class CausalLM:
         return _forward(self.layout, self.params, jnp.asarray(input_ids), segment_ids, positions)
 
     def save_pretrained(self, out_dir: str | Path, dtype: str = "float32") -> None:
-        """Hugging Face layout: weights in `dtype` (float32 or bfloat16), config, generation
-        config and the tokenizer files found next to the source weights."""
-        save_pretrained(self.params, self.hf_config, Path(out_dir), dtype=dtype)
-        write_assets(Path(out_dir), self.hf_config, self.model_dir)
+        """Hugging Face layout (in a local directory or under `s3://`/`gs://`): weights in
+        `dtype` (float32 or bfloat16), config, generation config and the tokenizer files
+        found next to the source weights."""
+        save_pretrained(self.params, self.hf_config, location(out_dir), dtype=dtype)
+        write_assets(location(out_dir), self.hf_config, self.model_dir)
 
 
 @functools.partial(jax.jit, static_argnums=0)

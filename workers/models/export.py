@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,8 +12,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+import safetensors.numpy
+from etils import epath
 from safetensors.numpy import save_file
 
+from raysft.data.locations import is_object_storage, make_dir
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
 from raysft.workers.models.params import hf_tensors, is_stacked
 
@@ -76,10 +78,11 @@ def _shard_plan(params: dict[str, jax.Array], itemsize: int) -> list[list[tuple[
 def save_pretrained(
     params: dict[str, jax.Array],
     hf_config: dict[str, Any],
-    out_dir: Path,
+    out_dir: epath.Path,
     dtype: str = "float32",
 ) -> None:
-    """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`.
+    """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`
+    (a local directory or an object-storage prefix).
 
     Call on every process; only process 0 writes. Parameters are gathered one layer at a
     time and each file is written as soon as its tensors are gathered, so a device holds
@@ -92,7 +95,7 @@ def save_pretrained(
         f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
     ]
     if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(out_dir)
     weight_map, total = {}, 0
     for file_name, entries in zip(names, files):
         tensors = {}
@@ -101,7 +104,7 @@ def save_pretrained(
             if writer:
                 tensors[key] = np.ascontiguousarray(host.T if transposed else host)
         if writer:
-            save_file(tensors, out_dir / file_name, metadata={"format": "pt"})
+            _save_safetensors(tensors, out_dir / file_name)
             weight_map.update(dict.fromkeys(tensors, file_name))
             total += sum(t.nbytes for t in tensors.values())
     if not writer:
@@ -113,23 +116,32 @@ def save_pretrained(
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def _save_safetensors(tensors: dict[str, np.ndarray], target: epath.Path) -> None:
+    if is_object_storage(target):
+        target.write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    else:
+        save_file(tensors, target, metadata={"format": "pt"})
+
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 
 
-def write_assets(out_dir: Path, hf_config: dict[str, Any], model_dir: Path, tokenizer_dir: Path | None = None) -> None:
+def write_assets(
+    out_dir: epath.Path, hf_config: dict[str, Any], model_dir: Path, tokenizer_dir: Path | None = None
+) -> None:
     """Tokenizer files and generation_config.json next to exported weights, so the
     directory loads in transformers and vLLM as it is."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     for name in TOKENIZER_FILES:
         source = (tokenizer_dir or model_dir) / name
         if source.is_file():
-            shutil.copy2(source, out_dir / name)
+            (out_dir / name).write_bytes(source.read_bytes())
     generation = model_dir / "generation_config.json"
     if generation.is_file():
-        shutil.copy2(generation, out_dir / "generation_config.json")
+        (out_dir / "generation_config.json").write_bytes(generation.read_bytes())
     else:
         keys = ("bos_token_id", "eos_token_id", "pad_token_id")
         defaults = {k: hf_config[k] for k in keys if hf_config.get(k) is not None}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from raysft.data.locations import default_cache_dir
 from raysft.workers.models.config import ModelLoadError
 from raysft.workers.models.loading import SINGLE_FILE
 
@@ -32,10 +32,6 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYSFT_CACHE", Path.home() / ".cache" / "raysft"))
 
 
 def _hf_tensor_name(gguf_name: str) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
-import json
-import os
 from pathlib import Path
 
+from raysft.data.errors import DataError
 from raysft.data.files import REMOTE_SCHEMES, filesystem, first_line
+from raysft.data.locations import listing_digest as _listing_digest
+from raysft.data.locations import local_copy
 from raysft.workers.models.config import ModelLoadError
-from raysft.workers.models.gguf_import import convert_gguf, default_cache_dir
+from raysft.workers.models.gguf_import import convert_gguf
 
 WEIGHT_FILES = ["*.safetensors"]
 # Everything else a Hugging Face model directory holds that training or export uses.
@@ -127,37 +127,19 @@ class ModelSource:
         return files
 
     def _object_download(self, patterns: list[str]) -> Path:
-        """Copies the matching files into this host's cache, in a directory named by the
-        URI and the listing, so a changed model is a new directory. A lock keeps two
-        workers of one host from copying at once; each file lands under its final name
-        only once complete."""
-        from filelock import FileLock
-
+        """The matching files in this host's cache (`locations.local_copy`); a model whose
+        objects changed since the driver pinned them is refused."""
         listing = self.listing()
         digest = _listing_digest(listing)
         if self.pin and digest != self.pin:
             raise ModelLoadError(
                 f"model {self.name} changed after the run started (listing {digest}, the driver read {self.pin})"
             )
-        key = hashlib.blake2b(self.name.encode(), digest_size=8).hexdigest()
-        out = default_cache_dir() / "models" / f"{Path(self.name).name}-{key}-{digest}"
-        out.mkdir(parents=True, exist_ok=True)
-        wanted = [n for n in sorted(listing) if any(fnmatch.fnmatch(n, p) for p in patterns)]
-        fs, root = _model_filesystem(self.name)
-        with FileLock(str(out) + ".lock"):
-            for name in wanted:
-                target = out / name
-                if target.is_file() and target.stat().st_size == listing[name][0]:
-                    continue
-                partial = target.with_name(f".{name}.partial")
-                try:
-                    with fs.open_input_stream(f"{root}/{name}") as src, open(partial, "wb") as dst:
-                        while chunk := src.read(16 << 20):
-                            dst.write(chunk)
-                except Exception as err:  # noqa: BLE001
-                    raise ModelLoadError(f"model {self.name}/{name}: cannot read: {first_line(err)}") from None
-                os.replace(partial, target)
-        return out
+        wanted = {n: v for n, v in listing.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
+        try:
+            return local_copy(self.name, files=wanted)
+        except DataError as err:
+            raise ModelLoadError(f"model {err}") from None
 
 
 def _model_filesystem(url: str):
@@ -167,5 +149,3 @@ def _model_filesystem(url: str):
         raise ModelLoadError(f"model {first_line(err)}") from None
 
 
-def _listing_digest(listing: dict[str, tuple[int, int]]) -> str:
-    return hashlib.blake2b(json.dumps(sorted(listing.items())).encode(), digest_size=8).hexdigest()

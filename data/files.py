@@ -25,6 +25,12 @@ STORAGE_ENV = (
 )
 
 
+def unsupported_scheme(url: str, supported: tuple[str, ...], local: str = "a local path") -> str:
+    """The one line for a URI whose scheme raysft does not read there."""
+    scheme = url.split("://", 1)[0]
+    return f"{url}: unsupported URI scheme {scheme!r}; use {local} or one of " + ", ".join(f"{s}://" for s in supported)
+
+
 def is_remote(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
 
@@ -43,8 +49,7 @@ def filesystem(url: str):
         return pafs.LocalFileSystem(), str(Path(url).resolve())
     scheme, rest = url.split("://", 1)
     if scheme not in REMOTE_SCHEMES:
-        raise DataError(f"{url}: unsupported URI scheme {scheme!r}; use a local path or one of "
-                        + ", ".join(f"{s}://" for s in REMOTE_SCHEMES))
+        raise DataError(unsupported_scheme(url, REMOTE_SCHEMES))
     if scheme == "hf":
         from huggingface_hub import HfFileSystem
 

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from raysft.data.errors import DataError
-from raysft.data.files import filesystem, first_line
+from raysft.data.files import filesystem, first_line, unsupported_scheme
 
 OBJECT_SCHEMES = ("s3", "gs")
 
@@ -48,12 +48,8 @@ def location(text: str | os.PathLike) -> epath.Path:
     by name, never taken for a local folder called "scheme:"."""
     text = text.as_posix() if isinstance(text, epath.Path) else os.fspath(text)
     if "://" in text:
-        scheme = text.split("://", 1)[0]
-        if scheme not in OBJECT_SCHEMES:
-            raise ValueError(
-                f"{text}: unsupported URI scheme {scheme!r}; use a local directory or one of "
-                + ", ".join(f"{s}://" for s in OBJECT_SCHEMES)
-            )
+        if text.split("://", 1)[0] not in OBJECT_SCHEMES:
+            raise ValueError(unsupported_scheme(text, OBJECT_SCHEMES, "a local directory"))
         return epath.Path(text.rstrip("/"))
     return epath.Path(Path(text).expanduser().absolute())
 

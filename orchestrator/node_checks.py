@@ -16,7 +16,7 @@ ANSWER_TIMEOUT_S = 300
 
 def check_every_node(marker: tuple[str, str], model: str) -> None:
     """Raises ValueError with the first node's one-line problem."""
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import NodeDiedError, TaskUnschedulableError, WorkerCrashedError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
@@ -31,12 +31,14 @@ def check_every_node(marker: tuple[str, str], model: str) -> None:
         ).remote(marker, model)
         for node in nodes
     ]
-    try:
-        problems = ray.get(answers, timeout=ANSWER_TIMEOUT_S)
-    except GetTimeoutError:
+    ready, pending = ray.wait(answers, num_returns=len(answers), timeout=ANSWER_TIMEOUT_S)
+    if pending:
         print(f"raysft: warning: not every node answered the storage check in {ANSWER_TIMEOUT_S} s; "
               "each worker checks again when it starts")
-        return
-    for problem in problems:
+    for answer in ready:
+        try:
+            problem = ray.get(answer)
+        except (TaskUnschedulableError, NodeDiedError, WorkerCrashedError):
+            continue  # the autoscaler removed the node meanwhile: it runs nothing of this run
         if problem:
             raise ValueError(problem)

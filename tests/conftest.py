@@ -157,23 +157,44 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-compatible server (moto's) on 127.0.0.1, for the session."""
+def start_s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1: (server, endpoint URL)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    return server, f"http://{host}:{port}"
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The standard AWS environment pointing at the server (credentials it accepts)."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
+            "AWS_REGION": "us-east-1"}
+
+
+def serve_bucket(bucket: str) -> str:
+    """For a scenario process: a server for the rest of the process, this process's
+    environment pointing at it, and `bucket` on it; returns `s3://bucket`."""
+    import boto3
+
+    _, endpoint = start_s3_server()
+    os.environ.update(s3_environment(endpoint))
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    server, endpoint = start_s3_server()
+    yield endpoint
     server.stop()
 
 
 @pytest.fixture
 def s3_server(s3_endpoint, monkeypatch):
-    """The standard AWS environment pointing at the server (credentials it accepts)."""
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_REGION", "us-east-1")):
+    """The standard AWS environment pointing at the session's server."""
+    for name, value in s3_environment(s3_endpoint).items():
         monkeypatch.setenv(name, value)
     return s3_endpoint
 

@@ -1,6 +1,7 @@
 """Runs on a multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, one
-training worker per node): an uninterrupted run, a run whose worker node is killed and
-replaced mid-training, and a run whose node is drained for preemption.
+training worker per node, each node with its own cache): an uninterrupted run, a run
+whose node is drained for preemption, and a run on object storage (a real S3-compatible
+server on 127.0.0.1) whose worker node is killed and replaced mid-training.
 
 Run as `python fault_scenarios.py OUT_DIR [SCENARIO ...]`; writes OUT_DIR/results.json.
 A separate process, so its cluster never meets the test session's embedded Ray.
@@ -26,7 +27,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CORPUS, save_tiny_model, train_tokenizer, write_jsonl  # noqa: E402
+from conftest import CORPUS, save_tiny_model, serve_bucket, train_tokenizer, write_jsonl  # noqa: E402
 
 import raysft as rs  # noqa: E402
 from raysft.data.locations import local_copy  # noqa: E402
@@ -117,23 +118,8 @@ def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupt=N
     }
 
 
-SCENARIOS = ("uninterrupted", "node_killed", "node_drained", "node_killed_s3")
+SCENARIOS = ("uninterrupted", "node_drained", "node_killed_s3")
 BUCKET = "raysft-runs"
-
-
-def object_storage() -> str:
-    """A real S3-compatible server on 127.0.0.1 (moto's) with a bucket; the driver's
-    environment points at it, the nodes' does not: raysft passes it on."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    return f"s3://{BUCKET}/runs"
 
 
 def bucket_files() -> list[str]:
@@ -162,7 +148,8 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
     )
     nodes = [cluster.add_node(**host(out_dir)) for _ in range(2)]
     ray.init(address=cluster.address)
-    object_runs = object_storage() if "node_killed_s3" in scenarios else None
+    # The driver's environment points at the server, the nodes' does not: raysft passes it on.
+    object_runs = f"{serve_bucket(BUCKET)}/runs" if "node_killed_s3" in scenarios else None
     results = {}
 
     def kill(event: dict, run_dir) -> None:
@@ -186,6 +173,7 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
 
     try:
         for name in scenarios:
+            # node_killed: the same kill on local storage (benchmarks/recovery.py times it).
             interrupt = {"node_killed": kill, "node_drained": drain, "node_killed_s3": kill}.get(name)
             extra = dict(save_steps=None, do_last_save=False) if name == "no_checkpoints" else {}
             runs = object_runs if name == "node_killed_s3" else str(out_dir / "runs")

@@ -82,39 +82,3 @@ def test_driver_memory_does_not_grow_with_tokens(local_ray, tmp_path, tokenizer_
     growth = max(peak[0], process.memory_info().rss) - before
     assert store.meta["tokens"] >= 5_000_000 and store.meta["documents"] == 2400
     assert growth < 32 * 2**20, f"driver grew by {growth / 2**20:.0f} MiB"
-
-
-def _kill_session(sid: int) -> None:
-    """Every process of session `sid`: the script, and the cluster `ray start` left behind."""
-    import psutil
-
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                proc.kill()
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            pass
-
-
-def test_ray_autoscaler_brings_up_cpu_nodes_for_data_never_a_slice(tmp_path, tokenizer_dir):
-    """Ray's autoscaler (v2) on its fake multi-node provider, from a head without CPUs: the
-    data work's label selector makes it launch `cpu_data` nodes, not `tpu_host` ones, and
-    the nodes go again once idle."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(40)])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "autoscaling_data_worker.py"), str(data), str(tokenizer_dir), str(tmp_path / "s")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        stdout, stderr = "", "timed out"
-    finally:
-        _kill_session(proc.pid)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["documents"] == 40
-    assert result["launched"] == ["cpu_data"], result
-    assert "cpu_data" in result["data_work_on"] and set(result["data_work_on"]) <= {"cpu_data", "head"}, result
-    assert result["alive_after_idle"] == ["head"], result

@@ -79,16 +79,17 @@ def _assert_bit_identical(a: dict, b: dict) -> None:
 
 
 def test_killed_node_resumes_from_latest_step_bit_identical(scenarios):
-    _assert_resumed_bit_identical(scenarios["uninterrupted"], scenarios["node_killed"])
+    """The run lives on object storage: a real S3-compatible server (see below)."""
+    _assert_resumed_bit_identical(scenarios["uninterrupted"], scenarios["node_killed_s3"])
 
 
-def test_run_on_object_storage_resumes_after_a_node_is_killed_bit_identical(scenarios):
+def test_run_on_object_storage_keeps_everything_in_the_bucket(scenarios):
     """save_directory=s3://... on a real S3-compatible server: checkpoints (orbax), data,
-    tokenizer, run record, summary, report and export all go to the bucket; a killed node
-    resumes from the checkpoint there, bit-identical to the uninterrupted local run; each
-    node reads what it needs into its own cache."""
+    tokenizer, run record, summary, report and export all go to the bucket (the killed
+    node above resumed from the checkpoint there); each node reads what it needs into its
+    own cache."""
     killed = scenarios["node_killed_s3"]
-    _assert_resumed_bit_identical(scenarios["uninterrupted"], killed)
+    assert "error" not in killed, killed
     assert killed["run_dir"] == "s3://raysft-runs/runs/node_killed_s3/fault"
     files = [f.removeprefix("runs/node_killed_s3/fault/") for f in killed["bucket_files"]]
     for expected in ("run.json", "summary.json", "report/metrics.jsonl", "report/loss.png", "tokenizer/tokenizer.json",

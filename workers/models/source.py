@@ -14,7 +14,7 @@ import fnmatch
 from pathlib import Path
 
 from raysft.data.errors import DataError
-from raysft.data.files import REMOTE_SCHEMES, filesystem, first_line
+from raysft.data.files import REMOTE_SCHEMES, filesystem, first_line, unsupported_scheme
 from raysft.data.locations import listing_digest as _listing_digest
 from raysft.data.locations import local_copy
 from raysft.workers.models.config import ModelLoadError
@@ -44,12 +44,8 @@ class ModelSource:
         """What `str(source)` wrote: `name` or `name@pin`; a plain path or id as given."""
         text = str(text)
         if "://" in text:
-            scheme = text.split("://", 1)[0]
-            if scheme not in MODEL_SCHEMES:
-                raise ModelLoadError(
-                    f"model {text}: unsupported URI scheme {scheme!r}; use a local path, a hub id or one of "
-                    + ", ".join(f"{s}://" for s in MODEL_SCHEMES)
-                )
+            if text.split("://", 1)[0] not in MODEL_SCHEMES:
+                raise ModelLoadError(f"model {unsupported_scheme(text, MODEL_SCHEMES, 'a local path, a hub id')}")
             name, _, pin = text.partition("@")
             return cls(name.rstrip("/"), pin or None)
         if _looks_like_repo_id(text.partition("@")[0]) and not Path(text).expanduser().exists():

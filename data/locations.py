@@ -10,7 +10,6 @@ copy and an unchanged one is fetched once per host.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
@@ -61,29 +60,24 @@ def make_dir(path: epath.Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
-def listing(url: str, patterns: list[str] | None = None) -> dict[str, tuple[int, int]]:
+def listing(url: str) -> dict[str, tuple[int, int]]:
     """Files under an object-storage prefix, recursively: relative name -> (size, mtime ns)."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(url)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    files = {i.path[len(root):].lstrip("/"): (i.size, i.mtime_ns or 0) for i in infos if i.is_file}
-    if patterns is not None:
-        files = {n: v for n, v in files.items() if any(fnmatch.fnmatch(Path(n).name, p) for p in patterns)}
-    return files
+    return {i.path[len(root):].lstrip("/"): (i.size, i.mtime_ns or 0) for i in infos if i.is_file}
 
 
 def listing_digest(files: dict[str, tuple[int, int]]) -> str:
     return hashlib.blake2b(json.dumps(sorted(files.items())).encode(), digest_size=8).hexdigest()
 
 
-def local_copy(
-    path: str | os.PathLike, patterns: list[str] | None = None, files: dict[str, tuple[int, int]] | None = None
-) -> Path:
+def local_copy(path: str | os.PathLike, files: dict[str, tuple[int, int]] | None = None) -> Path:
     """`path` as a local directory: itself when local, else this host's copy of the
-    objects under it (those matching `patterns`; `files`: a listing already taken). A
-    lock keeps two processes of one host from copying at once; each file lands under
-    its name only once complete."""
+    objects under it (`files`: those of a listing already taken, default all). A lock
+    keeps two processes of one host from copying at once; each file lands under its
+    name only once complete."""
     from filelock import FileLock
 
     path = location(path)
@@ -91,7 +85,7 @@ def local_copy(
         return Path(path)
     url = path.as_posix()
     try:
-        files = listing(url, patterns) if files is None else files
+        files = listing(url) if files is None else files
     except Exception as err:  # noqa: BLE001 - credentials, missing bucket, network alike
         raise DataError(f"{url}: cannot list: {first_line(err)}") from None
     if not files:

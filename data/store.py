@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 from etils import epath
@@ -21,7 +22,7 @@ from raysft.data.rows import ROW_FIELDS
 META_FILE = "meta.json"
 
 
-def shard_file(store_dir, name: str, index: int):
+def shard_file(store_dir: Path | epath.Path, name: str, index: int) -> Path | epath.Path:
     return store_dir / f"{name}.{index:05d}.npy"
 
 

@@ -7,7 +7,6 @@ import os
 from etils import epath
 
 from raysft.data.locations import location
-
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import DType
 from raysft.orchestrator.node_checks import check_every_node

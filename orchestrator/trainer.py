@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from etils import epath
 
 from raysft.data.data_nodes import off_tpu_hosts
@@ -186,7 +185,9 @@ class SFTTrainer:
         summary_file.unlink(missing_ok=True)
         tracker = None
         if args.use_wandb:
-            tracker = WandbTracker(staging_dir(run_dir), args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json"))
+            tracker = WandbTracker(
+                staging_dir(run_dir), args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json")
+            )
         try:
             with ProgressReporter(quiet=self.quiet, sinks=[tracker] if tracker else []) as progress:
                 spec = TrainSpec.from_config(

@@ -17,10 +17,6 @@ import functools
 import os
 from typing import Any
 
-from raysft.data.locations import is_object_storage
-
-__all__ = ["enable_s3", "is_object_storage", "object_storage_options"]
-
 # An absolute local path that stands for `s3://` while orbax builds a spec.
 _S3_STAND_IN = "/__raysft_s3__/"
 

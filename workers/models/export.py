@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-import safetensors.numpy
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
 from raysft.data.locations import is_object_storage, make_dir
@@ -118,7 +118,7 @@ def save_pretrained(
 
 def _save_safetensors(tensors: dict[str, np.ndarray], target: epath.Path) -> None:
     if is_object_storage(target):
-        target.write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+        target.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     else:
         save_file(tensors, target, metadata={"format": "pt"})
 

@@ -40,7 +40,7 @@ def test_a_node_with_its_own_disk_is_refused_before_any_work(tmp_path, tiny_mode
     )
     assert result["local_save_directory"].endswith(
         "is missing or from another run): with more than one node it must be storage every host sees "
-        "(a shared filesystem mounted at the same path on every host)"
+        "(s3:// or gs://, or a shared filesystem mounted at the same path on every host)"
     )
     assert result["local_model"].startswith(f"model {model_dir} is not on host ")
     assert "must be on storage every host sees" in result["local_model"]

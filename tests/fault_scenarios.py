@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CORPUS, save_tiny_model, serve_bucket, train_tokenizer, write_jsonl  # noqa: E402
+from conftest import CORPUS, free_port, save_tiny_model, serve_bucket, train_tokenizer, write_jsonl  # noqa: E402
 
 import raysft as rs  # noqa: E402
 from raysft.data.locations import local_copy  # noqa: E402
@@ -60,12 +59,6 @@ def config(save_directory: str, **overrides) -> rs.SFTConfig:
         max_preemption_restarts=2,
     )
     return rs.SFTConfig(**{**settings, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_checkpoint(run_dir, step: int, done: threading.Event) -> bool:

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from raysft.data.chat import conversation_tokens
+from raysft.data.chat import ChatRenderer
 from raysft.data.errors import BadRow
 from raysft.data.formats import Example
 from raysft.data.settings import DataSettings
@@ -29,6 +29,7 @@ class Encoder:
         self.settings = settings
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
+        self.chat = ChatRenderer(tokenizer, settings.chat_template_kwargs)
 
     def _text_ids(self, text: str, special: bool) -> list[int]:
         return self._dedupe_bos(self.tokenizer(text, add_special_tokens=special)["input_ids"], special)
@@ -74,15 +75,15 @@ class Encoder:
                 return ids, np.ones(len(ids), bool)
             return ids, np.asarray(example.labels) != -100
         if example.messages is not None:
-            return conversation_tokens(
-                self.tokenizer, example.messages, example.tools, where,
+            return self.chat.conversation_tokens(
+                example.messages, example.tools, where,
                 train_all=s.train_on_inputs or not s.assistant_only_loss, first_trained=first_trained,
             )
         # prompt / completion
         completion_only = (s.completion_only_loss is not False) and not s.train_on_inputs
         if isinstance(example.prompt, list):
-            return conversation_tokens(
-                self.tokenizer, example.prompt + example.completion, example.tools, where,
+            return self.chat.conversation_tokens(
+                example.prompt + example.completion, example.tools, where,
                 train_all=not completion_only, first_trained=len(example.prompt),
             )
         prompt_ids = self._text_ids(example.prompt, s.add_special_tokens)

@@ -23,6 +23,8 @@ class DataSettings:
     train_on_inputs: bool = False
     truncation: str = "truncate"
     on_bad_rows: str = "error"
+    # Arguments the chat template reads (`enable_thinking`, `date_string`, ...).
+    chat_template_kwargs: dict | None = None
 
     def __post_init__(self):
         for name, allowed in (

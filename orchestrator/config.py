@@ -47,7 +47,9 @@ class SFTConfig(BaseModel):
     )
 
     # Data
-    dataset_text_field: str = Field("text", description="Column holding the training text.")
+    dataset_text_field: str | None = Field(
+        "text", description="Column holding the training text (or the messages); None: detect the format from the columns."
+    )
     add_special_tokens: bool = Field(False, description="Let the tokenizer add its special tokens (BOS).")
     packing: bool = Field(False, description="Pack several documents per row (segment-aware).")
     packing_strategy: Literal["bfd", "wrapped"] = Field(
@@ -65,6 +67,9 @@ class SFTConfig(BaseModel):
         None, description="Prompt/completion rows: train only the completion (default on)."
     )
     assistant_only_loss: bool = Field(True, description="Conversations: train only the assistant turns.")
+    chat_template_kwargs: dict = Field(
+        default_factory=dict, description="Arguments the chat template reads, e.g. {\"enable_thinking\": false}."
+    )
     train_on_inputs: bool = Field(False, description="Train on every token, prompts and user turns too.")
     truncation: Literal["truncate", "drop", "split", "drop_turns"] = Field(
         "truncate", description="Rows over max_sequence_length: keep the start, drop, split, or drop early turns."

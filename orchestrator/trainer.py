@@ -108,7 +108,7 @@ class SFTTrainer:
         def prepare(dataset, packing: bool):
             settings = DataSettings(
                 seq_len=args.max_sequence_length,
-                text_field=args.dataset_text_field,
+                text_field=args.dataset_text_field or "text",
                 dataset_format=args.dataset_format,
                 packing=packing,
                 packing_strategy=args.packing_strategy,
@@ -118,6 +118,7 @@ class SFTTrainer:
                 train_on_inputs=args.train_on_inputs,
                 truncation=args.truncation,
                 on_bad_rows=args.on_bad_rows,
+                chat_template_kwargs=args.chat_template_kwargs or None,
             )
             return prepare_dataset(
                 dataset,

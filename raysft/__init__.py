@@ -22,15 +22,21 @@ _EXPORTS = {
     "TrainingFailed": "raysft.orchestrator.trainer", "TrainOutput": "raysft.orchestrator.trainer",
     "AutoModelForCausalLM": "raysft.workers.models.auto", "CausalLM": "raysft.workers.models.auto",
 }
-__all__ = sorted(_EXPORTS)
+# EasyDeL's names for the same things, so code written for it runs with `import raysft as ed`.
+_ALIASES = {
+    "AutoEasyDeLModelForCausalLM": "AutoModelForCausalLM", "EasyDeLOptimizers": "Optimizers",
+    "EasyDeLSchedulers": "Schedulers",
+}
+__all__ = sorted([*_EXPORTS, *_ALIASES])
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    target = _ALIASES.get(name, name)
+    if target not in _EXPORTS:
         raise AttributeError(f"module 'raysft' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(importlib.import_module(_EXPORTS[target]), target)
     globals()[name] = value
     return value
 

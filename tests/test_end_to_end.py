@@ -141,66 +141,106 @@ def test_missing_model_directory_is_named(tmp_path, datasets_dir):
         rs.SFTTrainer(arguments=_config(tmp_path), model=missing, train_dataset=datasets_dir / "train.jsonl")
 
 
-def test_seed_basic_usage_with_wandb_offline_and_report(local_ray, tmp_path, tiny_model_dir, monkeypatch):
-    """The seed tutorial's "Basic Usage" code, with local paths for the hub ids."""
-    import jax.numpy as jnp
-    from datasets import load_dataset
+# The seed tutorial's "Basic Usage", as written for EasyDeL; only the import line differs.
+SEED_BASIC_USAGE = """
+import raysft as ed
+import jax
+from jax import numpy as jnp
+from transformers import AutoTokenizer
+from datasets import load_dataset
+
+# Load tokenizer
+tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-3.1-8B-Instruct")
+if tokenizer.pad_token_id is None:
+    tokenizer.pad_token_id = tokenizer.eos_token_id
+
+# Load dataset
+dataset = load_dataset(
+    "Anthropic/hh-rlhf",
+    data_dir="helpful-base",
+    split="train[:10%]"  # Using a small subset for demonstration
+)
+
+# Load model
+model = ed.AutoEasyDeLModelForCausalLM.from_pretrained(
+    "meta-llama/Llama-3.1-8B-Instruct",
+    dtype=jnp.bfloat16
+)
+
+# Create SFT config
+config = ed.SFTConfig(
+    model_name="sft_example",
+    save_directory="sft_checkpoints",
+    dataset_text_field="chosen",  # Field containing the text to train on
+    packing=True,                 # Enable sequence packing for efficiency
+    learning_rate=2e-5,
+    learning_rate_end=5e-6,
+    total_batch_size=16,
+    num_train_epochs=3,
+    use_wandb=True,
+    num_of_sequences=512,         # For packing
+)
+
+# Initialize trainer
+trainer = ed.SFTTrainer(
+    arguments=config,
+    model=model,
+    train_dataset=dataset,
+    processing_class=tokenizer,
+)
+
+# Start training
+trainer.train()
+"""
+
+
+def test_seed_basic_usage_runs_unchanged_with_wandb_offline_and_report(local_ray, tmp_path, tiny_model_dir, monkeypatch):
+    """The hub ids resolve to local folders of the same names (a tiny model, hh-rlhf-shaped
+    rows, enough for one step per epoch at the default 2048 tokens in the 10% split)."""
+    import shutil
+
     from PIL import Image
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
-    rows = [{"chosen": f"Human: {a}\n\nAssistant: {b}", "rejected": "no"} for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])]
-    data_file = write_jsonl(tmp_path / "hh.jsonl", rows * 6)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "meta-llama" / "Llama-3.1-8B-Instruct")
+    rows = [{"chosen": f"\n\nHuman: {a}\n\nAssistant: {b}", "rejected": f"\n\nHuman: {a}\n\nAssistant: no"}
+            for a, b in zip(CORPUS, CORPUS[1:] + CORPUS[:1])]
+    (tmp_path / "Anthropic" / "hh-rlhf" / "helpful-base").mkdir(parents=True)
+    write_jsonl(tmp_path / "Anthropic" / "hh-rlhf" / "helpful-base" / "train.jsonl", rows * 600)
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
-    dataset = load_dataset("json", data_files=str(data_file), split="train")
-    model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=jnp.bfloat16)
-    config = rs.SFTConfig(
-        model_name="sft_example",
-        save_directory=str(tmp_path / "sft_checkpoints"),
-        dataset_text_field="chosen",
-        packing=True,
-        learning_rate=2e-3,
-        learning_rate_end=5e-4,
-        total_batch_size=4,
-        num_train_epochs=3,
-        use_wandb=True,
-        num_of_sequences=512,
-        max_sequence_length=64,
-        num_hosts=2,
-        log_steps=1,
-    )
-    trainer = rs.SFTTrainer(arguments=config, model=model, train_dataset=dataset, processing_class=tokenizer)
-    out = trainer.train()
-
-    epochs = [r for r in out.metrics if r["event"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2, 3]
-    report = out.run_dir / "report"
-    steps = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if r["event"] == "step"] == list(range(1, out.summary["final_step"] + 1))
-    assert json.loads((report / "summary.json").read_text())["final_step"] == out.summary["final_step"]
+    namespace: dict = {}
+    exec(compile(SEED_BASIC_USAGE, "seed_basic_usage.py", "exec"), namespace)
+    run_dir = tmp_path / "sft_checkpoints" / "sft_example"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["spec"]["dtype"] == "bfloat16" and summary["spec"]["max_sequence_length"] == 2048
+    report = run_dir / "report"
+    records = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]
+    final = summary["final_step"]
+    logged_steps = [step for step in range(1, final + 1) if step % 10 == 0 or step == final]  # log_steps 10
+    assert [r["step"] for r in records if r["event"] == "step"] == logged_steps
+    assert json.loads((report / "summary.json").read_text())["final_step"] == summary["final_step"]
     for png in ("loss.png", "learning_rate.png", "tokens_per_second.png"):
         with Image.open(report / png) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 100
 
     # The offline wandb run holds the config, every step's metrics and the summary.
-    runs = list((out.run_dir / "wandb").glob("offline-run-*"))
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # wandb's service process may still be writing the file when finish() returns.
     deadline = time.monotonic() + 60
     while "final_step" not in (logged := _wandb_records(next(runs[0].glob("*.wandb"))))["summary"]:
         assert time.monotonic() < deadline, "the offline wandb run never got its summary"
         time.sleep(1)
-    assert logged["config"]["learning_rate"] == 2e-3 and logged["config"]["model_name"] == "sft_example"
-    steps = [h["_step"] for h in logged["history"] if "train/loss" in h]
-    assert steps == list(range(1, out.summary["final_step"] + 1))
+    assert logged["config"]["learning_rate"] == 2e-5 and logged["config"]["model_name"] == "sft_example"
+    assert [h["_step"] for h in logged["history"] if "train/loss" in h] == logged_steps
     last = [h for h in logged["history"] if "train/loss" in h][-1]
-    assert last["train/loss"] == pytest.approx(out.summary["train_loss"])
-    assert logged["summary"]["final_step"] == out.summary["final_step"]
+    assert last["train/loss"] == pytest.approx(summary["train_loss"])
+    assert logged["summary"]["final_step"] == summary["final_step"]
 
 
 def _wandb_records(path) -> dict:

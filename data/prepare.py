@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from etils import epath
 
-from raysft.data import sources
+from raysft.data import mixture, sources
 from raysft.data.chat import require_chat_template
 from raysft.data.data_nodes import cpus_matching
 from raysft.data.errors import DataError
@@ -70,16 +70,21 @@ def prepare_dataset(
     shard_rows: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     label_selector: dict[str, str] | None = None,
+    mixture_seed: int = 0,
+    mixture_stopping: str = "first_exhausted",
 ) -> RowStore:
-    """The row store for `source`, reusing one already prepared with the same fingerprint
-    (source content, tokenizer files with their chat template, settings, formatting_func).
+    """The row store for `source` (one dataset, or a mixture: see `mixture`), reusing one
+    already prepared with the same fingerprint (source content, tokenizer files with their
+    chat template, settings, formatting_func, and a mixture's names, weights, seed and
+    stopping rule).
 
     Reading, encoding (`batch_size` rows per batch, in a pool of tokenizer actors that
     grows with the cluster's CPUs up to `num_proc`) and row writing (`shard_rows` rows per
     task; by default ~128 MiB shards) all run in Ray tasks; the driver gets each
-    document's length and place, plans the rows and collects the stats. No progress for
-    `timeout_s` (no encoded batch, no row shard written) ends it with `Stalled`. Every
-    task runs on the nodes `label_selector` matches (`data_nodes.off_tpu_hosts`).
+    document's length and place, mixes and plans the rows and collects the stats. No
+    progress for `timeout_s` (no encoded batch, no row shard written) ends it with
+    `Stalled`. Every task runs on the nodes `label_selector` matches
+    (`data_nodes.off_tpu_hosts`).
 
     `store_root` and `tokenizer_dir` are local directories every node sees or
     object-storage prefixes. Locally a store is written under a temporary name and
@@ -95,57 +100,49 @@ def prepare_dataset(
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
     context.raise_original_map_exception = True
     context.execution_options.label_selector = label_selector  # our own tasks read it here too
-    src = sources.resolve(source, hub_options)  # its datasets are made later, by `src.read()`
-    # Same documents in the same order on every run (the packing plan depends on it):
-    # sources with row numbers are put in order by the driver, the others by Ray Data,
-    # which then holds finished batches back behind slower ones.
-    context.execution_options.preserve_order = not src.numbered
+    parts = mixture.parts(source)
+    srcs = [sources.resolve(part.source, hub_options) for part in parts]  # datasets are made later, by `read()`
+    weights = [part.weight for part in parts] if parts[0].weight is not None else None
     identity = [tokenizer_fingerprint(local_tokenizer), dataclasses.asdict(settings),
                 _function_fingerprint(formatting_func), STORE_FORMAT]
-    fingerprint = _fingerprint(src.fingerprint, identity) if src.fingerprint else None
+    if mixture.is_mixture(source):
+        identity.append([[part.name for part in parts], weights, mixture_seed if weights else None,
+                         mixture_stopping if weights else None])
+    known = [src.fingerprint for src in srcs]
+    fingerprint = _fingerprint(_sources_fingerprint(known), identity) if all(known) else None
     if fingerprint and RowStore.exists(store_root / fingerprint):  # a resumed run reads no row
         return _reuse(store_root / fingerprint, report)
 
-    fmt = "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
-    if fmt in CHAT_FORMATS:
-        from transformers import AutoTokenizer
-
-        require_chat_template(AutoTokenizer.from_pretrained(local_tokenizer), src.name)
-
+    formats = [_format(src, settings, formatting_func, local_tokenizer) for src in srcs]
     in_place = is_object_storage(store_root)
     work = store_root / f".preparing-{uuid.uuid4().hex[:12]}"
     docs_dir = work / "docs"
     make_dir(docs_dir)
     try:
-        encoded = src.read().map_batches(
-            EncodeRows,
-            fn_constructor_kwargs=dict(
-                tokenizer_dir=str(tokenizer_dir), settings=dataclasses.asdict(settings), fmt=fmt, parts=src.parts,
-                docs_dir=str(docs_dir), formatting_func=formatting_func, hash_rows=src.fingerprint is None,
-            ),
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
-            compute=_encoder_pool(num_proc, label_selector),
-            num_cpus=1,
-            runtime_env={"env_vars": env} if env else None,
-        )
-        docs, stats = _collect(encoded, src.name, timeout_s)
-        content_hash = stats.pop("content_hash")
+        encoded = [
+            _encode(src, fmt, docs_dir, tokenizer_dir, settings, formatting_func, batch_size, num_proc, label_selector,
+                    env, timeout_s)
+            for src, fmt in zip(srcs, formats)
+        ]
         if fingerprint is None:
-            fingerprint = _fingerprint(content_hash, identity)
+            hashes = [src.fingerprint or stats["content_hash"] for src, (_, stats) in zip(srcs, encoded)]
+            fingerprint = _fingerprint(_sources_fingerprint(hashes), identity)
             if RowStore.exists(store_root / fingerprint):
                 return _reuse(store_root / fingerprint, report)
+        taken = mixture.select([docs.trained for docs, _ in encoded], weights, mixture_seed, mixture_stopping)
+        docs = Documents.join([(docs, index) for (docs, _), index in zip(encoded, taken)])
+        stats = _mixture_stats(parts, srcs, formats, encoded, taken) if mixture.is_mixture(source) else encoded[0][1]
+        stats.pop("content_hash", None)
         placements = _plan(docs.length, settings)
         store_dir = store_root / fingerprint
         rows_dir = store_dir if in_place else work
         with _bar(placements.num_rows, "writing rows", report) as bar:
             shard_sizes = write_row_shards(
                 placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar else None, timeout_s=timeout_s, name=src.name, env=env,
+                progress=bar.update if bar else None, timeout_s=timeout_s, name=stats["source"], env=env,
             )
         stats.update(
-            fingerprint=fingerprint, format=fmt, rows=placements.num_rows, seq_len=settings.seq_len,
+            fingerprint=fingerprint, rows=placements.num_rows, seq_len=settings.seq_len,
             padding_fraction=float(1 - stats["tokens"] / max(placements.num_rows * settings.seq_len, 1)),
             packing=settings.packing_strategy if settings.packing else "none",
         )
@@ -161,6 +158,78 @@ def prepare_dataset(
     if report:
         report(format_stats(stats))
     return RowStore(store_dir)
+
+
+def _format(src: sources.Source, settings: DataSettings, formatting_func, local_tokenizer: Path) -> str:
+    fmt = "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
+    if fmt in CHAT_FORMATS:
+        from transformers import AutoTokenizer
+
+        require_chat_template(AutoTokenizer.from_pretrained(local_tokenizer), src.name)
+    return fmt
+
+
+def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, settings: DataSettings, formatting_func,
+            batch_size: int, num_proc: int | None, label_selector, env: dict, timeout_s: float) -> tuple[Documents, dict]:
+    """One source's documents, encoded by Ray Data tasks into `docs_dir`, and its stats."""
+    # Same documents in the same order on every run (the packing plan depends on it):
+    # sources with row numbers are put in order by the driver, the others by Ray Data,
+    # which then holds finished batches back behind slower ones.
+    ray.data.DataContext.get_current().execution_options.preserve_order = not src.numbered
+    encoded = src.read().map_batches(
+        EncodeRows,
+        fn_constructor_kwargs=dict(
+            tokenizer_dir=str(tokenizer_dir), settings=dataclasses.asdict(settings), fmt=fmt, parts=src.parts,
+            docs_dir=str(docs_dir), formatting_func=formatting_func, hash_rows=src.fingerprint is None,
+        ),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
+        compute=_encoder_pool(num_proc, label_selector),
+        num_cpus=1,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    docs, stats = _collect(encoded, src.name, timeout_s)
+    stats["format"] = fmt
+    return docs, stats
+
+
+def _sources_fingerprint(fingerprints: list[str]) -> str:
+    return fingerprints[0] if len(fingerprints) == 1 else hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
+
+
+def _mixture_stats(parts, srcs, formats, encoded, taken) -> dict:
+    """The mixture's totals over what it took, and each source's own counts."""
+    per_source = {}
+    weight_sum = sum(part.weight or 0.0 for part in parts)
+    for part, src, fmt, (docs, stats), index in zip(parts, srcs, formats, encoded, taken):
+        per_source[part.name] = {
+            "source": src.name, "format": fmt, "weight": part.weight and part.weight / weight_sum,
+            **{k: stats[k] for k in ("rows_read", "documents", "dropped", "tokens", "supervised_tokens")},
+            "taken_documents": int(len(index)),
+            "taken_tokens": int(docs.length[index].sum()),
+            "taken_supervised_tokens": int(docs.trained[index].sum()),
+            "passes": float(len(index) / max(len(docs.length), 1)),
+        }
+    taken_trained = sum(s["taken_supervised_tokens"] for s in per_source.values())
+    for entry in per_source.values():
+        entry["trained_share"] = entry["taken_supervised_tokens"] / max(taken_trained, 1)
+    dropped: Counter[str] = Counter()
+    for _, stats in encoded:
+        dropped.update(stats["dropped"])
+    return {
+        "source": "mixture of " + ", ".join(per_source),
+        "format": "/".join(sorted(set(formats))),
+        "rows_read": sum(stats["rows_read"] for _, stats in encoded),
+        "documents": sum(s["taken_documents"] for s in per_source.values()),
+        "dropped": dict(sorted(dropped.items())),
+        "tokens": sum(s["taken_tokens"] for s in per_source.values()),
+        "max_token_id": max(stats["max_token_id"] for _, stats in encoded),
+        "supervised_tokens": taken_trained,
+        "truncated_tokens": sum(stats["truncated_tokens"] for _, stats in encoded),
+        "dropped_turns": sum(stats["dropped_turns"] for _, stats in encoded),
+        "sources": per_source,
+    }
 
 
 STORE_FORMAT = "row shards v2"
@@ -203,7 +272,7 @@ def _bar(total: int, what: str, report):
 def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
     """The documents' lengths and places, in dataset order, and the stats, from the
     encoding tasks' small records (no token passes through here)."""
-    keys, lengths, shards, offsets = [], [], [], []
+    keys, lengths, shards, offsets, trained = [], [], [], [], []
     shard_names: dict[str, int] = {}
     dropped: Counter[str] = Counter()
     totals = dict(rows_read=0, truncated_tokens=0, dropped_turns=0, supervised_tokens=0.0)
@@ -226,6 +295,7 @@ def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
                 lengths.append(batch["length"][kept])
                 shards.append(ids[index] if len(ids) else np.zeros(0, np.int32))
                 offsets.append(batch["offset"][kept])
+                trained.append(batch["trained"][kept])
     except Stalled:
         raise
     except Exception as err:  # Ray wraps task errors; surface ours as the one-line cause
@@ -243,7 +313,7 @@ def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
     # rows of a source without row numbers keep the order they were read in.
     order = np.lexsort(key[::-1])
     docs = Documents(np.concatenate(lengths)[order], np.concatenate(shards)[order], np.concatenate(offsets)[order],
-                     list(shard_names))
+                     list(shard_names), np.concatenate(trained)[order])
     stats = {
         "source": name,
         "rows_read": totals["rows_read"],
@@ -295,6 +365,11 @@ def format_stats(stats: dict) -> str:
         f"kept, dropped: {dropped}; {stats['tokens']} tokens, {stats['supervised_tokens']} trained, "
         f"{stats['truncated_tokens']} truncated; {stats['rows']} rows of {stats['seq_len']} "
         f"({stats['packing']} packing), padding {stats['padding_fraction']:.2%}"
+    ) + "".join(
+        f"\n  {name} ({entry['format']}, {entry['source']}): {entry['taken_documents']} of {entry['documents']} "
+        f"documents, {entry['taken_supervised_tokens']} trained tokens ({entry['trained_share']:.1%}"
+        + (f" for weight {entry['weight']:.1%}" if entry["weight"] is not None else "") + f"; {entry['passes']:.2f} passes)"
+        for name, entry in stats.get("sources", {}).items()
     )
 
 

@@ -30,6 +30,20 @@ class Documents:
     shard: np.ndarray  # index into shard_names
     offset: np.ndarray
     shard_names: list[str]
+    trained: np.ndarray  # tokens with loss weight, per document
+
+    @classmethod
+    def join(cls, parts: list[tuple["Documents", np.ndarray]]) -> "Documents":
+        """The documents `index` of each part, one after the other (an index may repeat)."""
+        names: list[str] = []
+        fields: dict[str, list[np.ndarray]] = {"length": [], "shard": [], "offset": [], "trained": []}
+        for docs, index in parts:
+            for name in fields:
+                value = getattr(docs, name)[index]
+                fields[name].append(value + len(names) if name == "shard" else value)
+            names.extend(docs.shard_names)
+        joined = {name: np.concatenate(values) for name, values in fields.items()}
+        return cls(joined["length"], joined["shard"], joined["offset"], names, joined["trained"])
 
 
 def rows_per_shard(seq_len: int) -> int:

@@ -6,7 +6,7 @@ pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks
 from __future__ import annotations
 
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
@@ -30,10 +30,13 @@ class SFTCommand(BaseSettings, SFTConfig):
     repo_id: str | None = Field(
         None, description="Model: a Hugging Face directory, a .gguf file or a hub repo id (required, here or in --config)."
     )
-    dataset_name: str | None = Field(
-        None, description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset (required, here or in --config)."
+    dataset_name: str | dict[str, Any] | None = Field(
+        None, description="Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset (required, here or in --config); "
+        'a mixture as JSON: {"name": {"path": ..., "weight": 0.3}, ...}.'
     )
-    eval_dataset_name: str | None = Field(None, description="Held-out data, evaluated before and after.")
+    eval_dataset_name: str | dict[str, Any] | None = Field(
+        None, description='Held-out data, evaluated before and after; {"name": path, ...} evaluates each source.'
+    )
     quiet: bool = Field(False, description="For logs: no progress bar or per-step lines; evals, epochs, restarts still shown.")
 
     required: ClassVar[tuple[str, ...]] = ("repo_id", "dataset_name")

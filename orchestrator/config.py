@@ -74,6 +74,10 @@ class SFTConfig(BaseModel):
     truncation: Literal["truncate", "drop", "split", "drop_turns"] = Field(
         "truncate", description="Rows over max_sequence_length: keep the start, drop, split, or drop early turns."
     )
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="A weighted train_dataset mixture ends when a source runs out, or when all are "
+        "used once (smaller sources repeated)."
+    )
     on_bad_rows: Literal["error", "skip"] = Field("error", description="A malformed row stops the run, or is skipped and counted.")
     dataset_split: str = Field("train", description="Split of a hub dataset_name.")
     data_dir: str | None = Field(None, description="data_dir of a hub dataset_name.")

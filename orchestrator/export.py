@@ -69,7 +69,7 @@ def export_checkpoint(
         model=str(record.model),
         tokenizer_dir=str(run_dir / "tokenizer"),
         train_store=None,
-        eval_store=None,
+        eval_stores=None,
         checkpoint_dir=str(run_dir / "checkpoints"),
         export_dir=str(output),
         summary_file=None,

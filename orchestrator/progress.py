@@ -79,9 +79,12 @@ class ProgressReporter:
             self._bar.update(record["step"] - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
         elif event == "eval":
+            per_source = "".join(
+                f"  {key.split('/', 1)[1]} {value:.4f}" for key, value in record.items() if key.startswith("eval_loss/")
+            )
             tqdm.write(
                 f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
-                f"token accuracy {record['token_accuracy']:.3f}"
+                f"token accuracy {record['token_accuracy']:.3f}" + (f"  | loss by source:{per_source}" if per_source else "")
             )
         elif event == "first_step":
             tqdm.write(f"step {record['step']} (compilation included) took {record['seconds']:.1f} s")

@@ -25,7 +25,10 @@ def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[
     written = [report_dir / "metrics.jsonl", report_dir / "summary.json"]
     written[0].write_text("".join(json.dumps(r) + "\n" for r in records))
     written[1].write_text(json.dumps(summary, indent=2))
-    for file, (title, series) in PLOTS.items():
+    # Per-source eval losses of an eval_dataset dict, on the loss plot.
+    sources = sorted({key for r in records if r["event"] == "eval" for key in r if key.startswith("eval_loss/")})
+    plots = dict(PLOTS, **{"loss.png": ("loss", PLOTS["loss.png"][1] + [("eval", key, key) for key in sources])})
+    for file, (title, series) in plots.items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for event, key, label in series:
             points = _last_per_step([r for r in records if r["event"] == event and key in r])

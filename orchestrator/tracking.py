@@ -45,7 +45,10 @@ class WandbTracker:
         section = _SECTION.get(record["event"])
         if section is None:
             return
-        values = {f"{section}/{k}": v for k, v in record.items() if k not in _SKIP and isinstance(v, (int, float))}
+        values = {
+            k if "/" in k else f"{section}/{k}": v  # per-source keys (eval_loss/<name>) are already named
+            for k, v in record.items() if k not in _SKIP and isinstance(v, (int, float))
+        }
         self.run.log(values, step=record["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from raysft.data import mixture
 from raysft.data.data_nodes import off_tpu_hosts
 from raysft.data.locations import is_object_storage, location, make_dir, staging_dir, upload
 from raysft.data.prepare import prepare_dataset
@@ -74,6 +75,9 @@ class SFTTrainer:
         self.args = arguments
         self.model = (model.source if isinstance(model, CausalLM) else ModelSource.parse(model)).pinned()
         self.model_dir = self.model.fetch(weights=False)
+        mixture.parts(train_dataset)  # a bad mixture fails here, before Ray starts
+        if eval_dataset is not None:
+            mixture.parts(eval_dataset, "eval_dataset")
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = processing_class
@@ -96,7 +100,10 @@ class SFTTrainer:
 
     def prepare_data(self):
         """Tokenize and pack the datasets on Ray Data (or reuse the prepared stores):
-        (tokenizer_dir, train store, eval store or None)."""
+        (tokenizer_dir, train store, eval stores by name: "" for one unnamed eval_dataset).
+
+        `train_dataset` may be a mixture (`data.mixture`), mixed by the config's seed and
+        `mixture_stopping`; an `eval_dataset` dict is evaluated source by source."""
         args = self.args
         run_dir = args.run_dir
         make_dir(run_dir)
@@ -132,13 +139,20 @@ class SFTTrainer:
                 report=print,
                 timeout_s=args.data_timeout_s,
                 label_selector=data_nodes,
+                mixture_seed=args.seed,
+                mixture_stopping=args.mixture_stopping,
             )
 
         train_store = prepare(self.train_dataset, args.packing)
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-        eval_store = prepare(self.eval_dataset, eval_packing) if self.eval_dataset is not None else None
-        self._check_vocabulary([store for store in (train_store, eval_store) if store is not None])
-        return tokenizer_dir, train_store, eval_store
+        eval_parts = mixture.parts(self.eval_dataset, "eval_dataset") if self.eval_dataset is not None else []
+        eval_stores = {part.name: prepare(part.source, eval_packing) for part in eval_parts}
+        trained_sources = train_store.meta.get("sources", {})
+        eval_only = [name for name in eval_stores if trained_sources and name not in trained_sources]
+        if eval_only:
+            print(f"eval sources not in the training mixture, evaluated only: {', '.join(eval_only)}")
+        self._check_vocabulary([train_store, *eval_stores.values()])
+        return tokenizer_dir, train_store, eval_stores
 
     def _check_vocabulary(self, stores) -> None:
         """A token id past the embedding table would train on NaN (JAX fills out-of-range
@@ -179,7 +193,7 @@ class SFTTrainer:
         marker = write_marker(run_dir)  # first: an unwritable save_directory is one line, before Ray starts
         connect(args.hosts)
         check_every_node(marker, str(self.model))
-        tokenizer_dir, train_store, eval_store = self.prepare_data()
+        tokenizer_dir, train_store, eval_stores = self.prepare_data()
         RunRecord(self.model, args).write(run_dir)
 
         summary_file = run_dir / "summary.json"
@@ -196,7 +210,7 @@ class SFTTrainer:
                     model=str(self.model),
                     tokenizer_dir=str(tokenizer_dir),
                     train_store=str(train_store.path),
-                    eval_store=str(eval_store.path) if eval_store else None,
+                    eval_stores={name: str(store.path) for name, store in eval_stores.items()},
                     checkpoint_dir=str(run_dir / "checkpoints"),
                     export_dir=str(run_dir / "export"),
                     summary_file=str(summary_file),

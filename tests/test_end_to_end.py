@@ -20,6 +20,7 @@ from conftest import CORPUS, write_jsonl
 def datasets_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     write_jsonl(out / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)], "id": i} for i in range(48)])
+    write_jsonl(out / "qa.jsonl", [{"prompt": f"q{i}: {CORPUS[i % 6]}?", "completion": CORPUS[(i + 1) % 6]} for i in range(24)])
     write_jsonl(out / "eval.jsonl", [{"text": text, "id": i} for i, text in enumerate(CORPUS)])
     return out
 
@@ -43,14 +44,19 @@ def _config(tmp_path, **overrides) -> rs.SFTConfig:
         scan_layers=True,
         gradient_checkpointing="dots_saveable",
         loss_chunk_size=16,
+        mixture_stopping="all_exhausted",  # the smaller source of a mixture repeated
     )
     return rs.SFTConfig(**{**settings, **overrides})
 
 
-def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_dir):
+def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_dir, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    data = dict(train_dataset=datasets_dir / "train.jsonl", eval_dataset=datasets_dir / "eval.jsonl")
+    # A weighted mixture of two formats, and an eval source per kind of data.
+    data = dict(
+        train_dataset={"text": (datasets_dir / "train.jsonl", 0.6), "qa": (datasets_dir / "qa.jsonl", 0.4)},
+        eval_dataset={"text": datasets_dir / "eval.jsonl", "qa_seen": datasets_dir / "qa.jsonl"},
+    )
 
     first = rs.SFTTrainer(arguments=_config(tmp_path), model=model, processing_class=tokenizer, **data).train()
 
@@ -72,6 +78,12 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     assert [r["step"] for r in evals] == [2, 4]  # eval_steps=2, and the end
     assert evals[-1]["perplexity"] == pytest.approx(np.exp(evals[-1]["loss"]))
     assert evals[-1]["loss"] == summary["eval_loss_end"]
+    by_source = [evals[-1]["eval_loss/text"], evals[-1]["eval_loss/qa_seen"]]
+    assert min(by_source) < evals[-1]["loss"] < max(by_source)  # the token-weighted mean of the two
+    assert summary["eval_end"]["eval_loss/qa_seen"] == evals[-1]["eval_loss/qa_seen"]
+    console = capsys.readouterr().out
+    assert console.count("eval sources not in the training mixture, evaluated only: qa_seen") == 1
+    assert f"loss by source:  text {by_source[0]:.4f}  qa_seen {by_source[1]:.4f}" in console
     assert sorted(int(p.name) for p in first.checkpoint_dir.iterdir() if p.name.isdigit()) == [2, 4]
 
     # The same run asked for more steps continues from its last checkpoint.

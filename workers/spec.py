@@ -8,7 +8,7 @@ from typing import Any
 
 # Paths and handles the driver derives for this run; every other field is a config value.
 _RUN_FIELDS = {
-    "model", "tokenizer_dir", "train_store", "eval_store", "checkpoint_dir",
+    "model", "tokenizer_dir", "train_store", "eval_stores", "checkpoint_dir",
     "export_dir", "summary_file", "metrics_queue", "storage_marker",
 }
 
@@ -25,7 +25,7 @@ class TrainSpec:
     model: str  # a `ModelSource`, pinned: each host fetches the model itself
     tokenizer_dir: str
     train_store: str | None  # None (and summary_file) where a worker only exports
-    eval_store: str | None
+    eval_stores: dict[str, str] | None  # name ("" for an unnamed eval_dataset) -> store
     checkpoint_dir: str
     export_dir: str
     summary_file: str | None

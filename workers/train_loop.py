@@ -33,7 +33,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     mesh, p_shard = model.mesh, model.shardings
 
     store = RowStore(spec.train_store)
-    eval_store = RowStore(spec.eval_store) if spec.eval_store else None
+    eval_stores = {name: RowStore(path) for name, path in (spec.eval_stores or {}).items()}
     batch = spec.total_batch_size
     steps_per_epoch = store.steps_per_epoch(batch)
     if steps_per_epoch == 0:
@@ -84,14 +84,23 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     train_step, eval_step = programs.train_step, programs.eval_step
 
     def evaluate(params) -> dict | None:
-        """Loss, perplexity and token accuracy over every eval row (one host sync)."""
-        if eval_store is None:
+        """Loss, perplexity and token accuracy over every eval row of every eval source
+        (one host sync per source), and per named source `eval_loss/<name>` and
+        `eval_token_accuracy/<name>`."""
+        if not eval_stores:
             return None
-        sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
-        totals = {key: float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum", "correct")}
-        loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-                "token_accuracy": totals["correct"] / max(totals["weight_sum"], 1.0)}
+        per_source = {}
+        for name, eval_store in eval_stores.items():
+            sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
+            per_source[name] = {key: float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum", "correct")}
+        overall = {key: sum(totals[key] for totals in per_source.values()) for key in ("loss_sum", "weight_sum", "correct")}
+        result = _eval_metrics(overall)
+        for name, totals in per_source.items():
+            if name:
+                metrics = _eval_metrics(totals)
+                result[f"eval_loss/{name}"] = metrics["loss"]
+                result[f"eval_token_accuracy/{name}"] = metrics["token_accuracy"]
+        return result
 
     watchdog.progress("evaluating", spec.startup_timeout_s)
     eval_start = evaluate(params)
@@ -155,7 +164,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         if step % steps_per_epoch == 0:
             publish({"event": "epoch", "epoch": step // steps_per_epoch, "step": step, "loss": float(metrics["loss"])})
         epoch_end = step % steps_per_epoch == 0 and step < total_steps
-        if eval_store is not None and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
+        if eval_stores and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
             watchdog.progress("evaluating", spec.startup_timeout_s)
             jax.block_until_ready(params)  # the window's steps end here: eval time is not step time
             paused = time.perf_counter()
@@ -196,3 +205,9 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     watchdog.close()
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 
+
+
+def _eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+            "token_accuracy": totals["correct"] / max(totals["weight_sum"], 1.0)}

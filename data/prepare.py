@@ -362,7 +362,7 @@ def format_stats(stats: dict) -> str:
     dropped = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items()) or "none"
     return (
         f"data {stats['source']} ({stats['format']}): {stats['rows_read']} rows read, {stats['documents']} documents "
-        f"kept, dropped: {dropped}; {stats['tokens']} tokens, {stats['supervised_tokens']} trained, "
+        f"{'in the mixture' if 'sources' in stats else 'kept'}, dropped: {dropped}; {stats['tokens']} tokens, {stats['supervised_tokens']} trained, "
         f"{stats['truncated_tokens']} truncated; {stats['rows']} rows of {stats['seq_len']} "
         f"({stats['packing']} packing), padding {stats['padding_fraction']:.2%}"
     ) + "".join(

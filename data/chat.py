@@ -84,12 +84,12 @@ class ChatRenderer:
             agree = max((end for end in ends if end <= agree), default=0)
         return agree
 
-    def _prompt_end(self, prompt: str, text: str, last_message: str) -> int:
+    def _prompt_end(self, prompt: str, ends: list[int], text: str, last_message: str) -> int:
         """Where `prompt` (the conversation so far with the generation prompt) ends in
         `text`: their common prefix, or further where `text` goes on with a tail of the
         prompt that holds its last message (Mistral puts the system prompt into the last
-        user turn only, so there the two part and meet again at that turn's end)."""
-        ends = self._token_ends(prompt)
+        user turn only, so there the two part and meet again at that turn's end). `ends`:
+        the prompt's token ends."""
         agree = self._agreement(text, 0, prompt, ends)
         if last_message and agree < len(prompt):
             for cut in [agree] + [end for end in ends if end > agree]:
@@ -103,9 +103,12 @@ class ChatRenderer:
     def _turn_span(self, messages, tools, i: int, full: str, cursor: int, where: str) -> tuple[int, int]:
         prompt = self.render(messages[:i], tools, generation_prompt=True) if i else ""
         through = self.render(messages[: i + 1], tools)
+        if through.startswith(prompt) and full.startswith(through):
+            return len(prompt), len(through)  # rendered incrementally: what the alignment finds, without tokenizing
         last = str(messages[i - 1].get("content") or "").strip() if i else ""
-        turn = through[self._prompt_end(prompt, through, last):]  # the turn as generated at inference
-        start = max(self._prompt_end(prompt, full, last), cursor)
+        ends = self._token_ends(prompt)
+        turn = through[self._prompt_end(prompt, ends, through, last):]  # the turn as generated at inference
+        start = max(self._prompt_end(prompt, ends, full, last), cursor)
         # The longest part of the turn the full text has at `start`: a head the full text
         # leaves out (earlier turns' reasoning) is skipped, a tail it lacks is cut at a
         # token boundary (never into the next turn's first token).

@@ -25,10 +25,7 @@ def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[
     written = [report_dir / "metrics.jsonl", report_dir / "summary.json"]
     written[0].write_text("".join(json.dumps(r) + "\n" for r in records))
     written[1].write_text(json.dumps(summary, indent=2))
-    # Per-source eval losses of an eval_dataset dict, on the loss plot.
-    sources = sorted({key for r in records if r["event"] == "eval" for key in r if key.startswith("eval_loss/")})
-    plots = dict(PLOTS, **{"loss.png": ("loss", PLOTS["loss.png"][1] + [("eval", key, key) for key in sources])})
-    for file, (title, series) in plots.items():
+    for file, (title, series) in plots(records).items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for event, key, label in series:
             points = _last_per_step([r for r in records if r["event"] == event and key in r])
@@ -44,6 +41,12 @@ def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[
         plt.close(fig)
         written.append(report_dir / file)
     return written
+
+
+def plots(records: list[dict[str, Any]]) -> dict[str, tuple[str, list[tuple[str, str, str]]]]:
+    """PLOTS, with the per-source eval losses of an eval_dataset dict on the loss plot."""
+    sources = sorted({key for r in records if r["event"] == "eval" for key in r if key.startswith("eval_loss/")})
+    return dict(PLOTS, **{"loss.png": ("loss", PLOTS["loss.png"][1] + [("eval", key, key) for key in sources])})
 
 
 def _last_per_step(records: list[dict]) -> list[dict]:

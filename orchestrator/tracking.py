@@ -30,6 +30,17 @@ def wandb_mode() -> str:
     return "online" if logged_in else "offline"
 
 
+def wandb_values(record: dict[str, Any]) -> dict[str, float]:
+    """What a step or eval record logs; per-source keys (`eval_loss/<name>`) keep their name."""
+    section = _SECTION.get(record["event"])
+    if section is None:
+        return {}
+    return {
+        k if "/" in k else f"{section}/{k}": v
+        for k, v in record.items() if k not in _SKIP and isinstance(v, (int, float))
+    }
+
+
 class WandbTracker:
     def __init__(self, run_dir: Path, name: str, project: str, entity: str | None, config: dict[str, Any]):
         import wandb
@@ -42,14 +53,9 @@ class WandbTracker:
         )
 
     def log(self, record: dict[str, Any]) -> None:
-        section = _SECTION.get(record["event"])
-        if section is None:
-            return
-        values = {
-            k if "/" in k else f"{section}/{k}": v  # per-source keys (eval_loss/<name>) are already named
-            for k, v in record.items() if k not in _SKIP and isinstance(v, (int, float))
-        }
-        self.run.log(values, step=record["step"])
+        values = wandb_values(record)
+        if values:
+            self.run.log(values, step=record["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

@@ -90,3 +90,15 @@ def test_prepared_mixture_trains_each_source_at_its_weight(local_ray, tmp_path, 
 
     # The same sources, weights and seed: the same store, reused without reading a row.
     assert prepare_dataset(sources, tokenizer_dir, settings, tmp_path / "store", report=None, mixture_seed=3).path == store.path
+
+
+def test_per_source_eval_losses_reach_wandb_and_the_loss_plot():
+    from raysft.orchestrator.report import plots
+    from raysft.orchestrator.tracking import wandb_values
+
+    record = {"event": "eval", "step": 4, "time": 1.0, "loss": 2.0, "perplexity": 7.4, "token_accuracy": 0.5,
+              "eval_loss/chat": 1.5, "eval_token_accuracy/chat": 0.6, "eval_loss/code": 2.5}
+    assert wandb_values(record) == {"eval/loss": 2.0, "eval/perplexity": 7.4, "eval/token_accuracy": 0.5,
+                                    "eval_loss/chat": 1.5, "eval_token_accuracy/chat": 0.6, "eval_loss/code": 2.5}
+    series = plots([{"event": "step", "step": 4, "loss": 2.1}, record])["loss.png"][1]
+    assert series[2:] == [("eval", "eval_loss/chat", "eval_loss/chat"), ("eval", "eval_loss/code", "eval_loss/code")]

@@ -19,7 +19,7 @@ def _spec(**fields) -> TrainSpec:
     paths = dict.fromkeys(
         ["model", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "unused"
     )
-    return TrainSpec.from_config(rs.SFTConfig(**fields), eval_store=None, **paths)
+    return TrainSpec.from_config(rs.SFTConfig(**fields), eval_stores=None, **paths)
 
 
 def _values(spec, total):

@@ -102,3 +102,21 @@ def test_per_source_eval_losses_reach_wandb_and_the_loss_plot():
                                     "eval_loss/chat": 1.5, "eval_token_accuracy/chat": 0.6, "eval_loss/code": 2.5}
     series = plots([{"event": "step", "step": 4, "loss": 2.1}, record])["loss.png"][1]
     assert series[2:] == [("eval", "eval_loss/chat", "eval_loss/chat"), ("eval", "eval_loss/code", "eval_loss/code")]
+
+
+def test_command_line_and_yaml_take_mixtures():
+    from pathlib import Path
+
+    from pydantic_settings import CliApp
+
+    from raysft.orchestrator.cli import SFTCommand
+
+    example = Path(__file__).parents[1] / "examples" / "mixture.yaml"
+    config, launch = CliApp.run(SFTCommand, cli_args=["--config", str(example), "--repo_id", "model"]).resolve()
+    assert config.mixture_stopping == "all_exhausted"
+    assert [(p.name, p.weight) for p in mixture.parts(launch["dataset_name"])] == [
+        ("conversions", 0.8), ("instructions", 0.1), ("completions", 0.1)]
+    assert [p.name for p in mixture.parts(launch["eval_dataset_name"], "eval_dataset")] == ["conversions", "instructions"]
+    flag = '{"chat": {"path": "c.jsonl", "weight": 0.7}, "code": ["d.jsonl", 0.3]}'
+    _, launch = CliApp.run(SFTCommand, cli_args=["--repo_id", "model", "--dataset_name", flag]).resolve()
+    assert mixture.parts(launch["dataset_name"]) == [mixture.Part("chat", "c.jsonl", 0.7), mixture.Part("code", "d.jsonl", 0.3)]

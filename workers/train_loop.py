@@ -206,7 +206,6 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 
 
-
 def _eval_metrics(totals: dict[str, float]) -> dict[str, float]:
     loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),

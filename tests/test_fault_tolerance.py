@@ -304,20 +304,22 @@ for step in range(1, 31):  # completed steps keep it quiet well past the step ti
     dog.dispatched(step, jnp.ones(()) * step)
     time.sleep(0.1)
 dog.dispatched(31, Hung())
-print("dispatched 31", flush=True)
+print(f"dispatched 31 at {time.time()}", flush=True)
 time.sleep(30)
 print("still alive", flush=True)
 """
 
 
 def test_watchdog_turns_a_hang_into_an_exit():
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", WATCHDOG], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    ended = time.time()
     assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "dispatched 31" in proc.stdout and "still alive" not in proc.stdout
     assert "rank 3 made no progress for 2 s (training; last completed step 30)" in proc.stderr
-    assert time.monotonic() - started < 25
+    # From the hang, not from the start: a loaded machine may take long to import JAX.
+    hung_at = float(proc.stdout.split("dispatched 31 at ")[1].split()[0])
+    assert ended - hung_at < 15
 
 
 def test_save_policy_by_steps_and_by_time():
@@ -332,3 +334,22 @@ def test_save_policy_by_steps_and_by_time():
     assert by_time.due(4) == "interval"
     by_time.saved()
     assert by_time.due(6) is None
+
+
+def test_save_total_limit_keeps_exactly_the_newest(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from etils import epath
+
+    from raysft.orchestrator.export import checkpoint_steps
+    from raysft.workers.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    for step in (2, 4, 6, 8, 10):
+        checkpoints.save(step, {"w": jnp.full((3,), float(step))}, {"count": jnp.asarray(step)}, {"data_fingerprint": "d"})
+    checkpoints.close()
+    assert checkpoint_steps(epath.Path(tmp_path)) == [8, 10]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "8"]
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, {"count": jax.ShapeDtypeStruct((), jnp.int32)}
+    params, _, _ = Checkpoints(str(tmp_path / "checkpoints"), keep=None).restore(10, *abstract, "d")
+    assert np.asarray(params["w"]).tolist() == [10.0] * 3

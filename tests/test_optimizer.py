@@ -84,3 +84,30 @@ def test_every_optimizer_steps_and_spares_norms_from_decay(optimizer):
     assert float(jnp.abs(updates["model.layers.self_attn.q_proj.kernel"]).max()) > 0
     assert float(jnp.abs(updates["model.layers.input_layernorm.weight"]).max()) == 0
     assert float(jnp.abs(updates["model.layers.self_attn.q_proj.bias"]).max()) == 0
+
+
+@pytest.mark.parametrize("optimizer", [o.value for o in rs.Optimizers])
+def test_every_optimizer_descends_along_the_gradient(optimizer):
+    """Without decay, each optimizer's first update moves every parameter against its
+    gradient (a sign or scale bug would leave the decay check above passing)."""
+    rng = np.random.default_rng(0)
+    params = {"w.kernel": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}
+    grads = {"w.kernel": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}
+    opt = build_optimizer(_spec(optimizer=optimizer, learning_rate=0.1, weight_decay=0.0, clip_grad=None), 10)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    u, g = np.asarray(updates["w.kernel"]), np.asarray(grads["w.kernel"])
+    assert np.all(u * g < 0), optimizer  # elementwise against the gradient
+    assert np.abs(u).max() > 0
+
+
+def test_clip_grad_scales_to_the_limit_and_keeps_the_direction():
+    grads = {"a.kernel": jnp.full((3, 3), 4.0), "b.kernel": jnp.full((2,), -3.0)}  # global norm sqrt(9*16+2*9)
+    norm = math.sqrt(9 * 16 + 2 * 9)
+    # SGD with learning rate 1: the update is minus the (clipped) gradient.
+    for limit, expected in ((1.0, 1.0), (100.0, norm)):
+        opt = build_optimizer(_spec(optimizer="sgd", learning_rate=1.0, weight_decay=0.0, clip_grad=limit), 10)
+        updates, _ = opt.update(grads, opt.init(grads), grads)
+        flat = np.concatenate([np.asarray(updates[k]).ravel() for k in sorted(grads)])
+        original = np.concatenate([np.asarray(grads[k]).ravel() for k in sorted(grads)])
+        assert np.linalg.norm(flat) == pytest.approx(expected, rel=1e-5)
+        np.testing.assert_allclose(-flat / np.linalg.norm(flat), original / norm, rtol=1e-5)

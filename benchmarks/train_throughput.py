@@ -99,17 +99,18 @@ def run_pytorch(s: Settings, batches) -> float:
 def main() -> None:
     import jax
 
-    from raysft.workers.flops import flops_per_token, peak_flops
+    from raysft.workers.flops import attention_pairs, model_flops, peak_flops
     from raysft.workers.models.config import ModelConfig
 
     s = Settings()
     batches = packed_batches(s)
     real_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches[s.warmup_steps :])
+    pairs = sum(float(attention_pairs(b["segment_ids"])) for b in batches[s.warmup_steps :])
     padding = 1 - real_tokens / (s.steps * s.batch_size * s.seq_len)
     ours_s = run_raysft(s, batches)
     torch_s = run_pytorch(s, batches)
     cfg = ModelConfig.from_hf_dict({**W1, "architectures": ["LlamaForCausalLM"]})
-    peak, source = peak_flops(jax.devices()[0])
+    peak, source = peak_flops(jax.devices()[0], "float32")
     ours_tps = real_tokens / ours_s
     print(json.dumps({
         "benchmark": "train_throughput W1",
@@ -119,7 +120,7 @@ def main() -> None:
         "raysft_real_tokens_per_s": round(ours_tps, 1),
         "pytorch_real_tokens_per_s": round(real_tokens / torch_s, 1),
         "ratio_raysft_over_pytorch": round(torch_s / ours_s, 3),
-        "raysft_mfu": round(ours_tps * flops_per_token(cfg, s.seq_len) / peak, 4),
+        "raysft_mfu": round(model_flops(cfg, real_tokens, pairs) / ours_s / peak, 4),
         "mfu_peak": source,
     }, indent=2))
 

@@ -71,7 +71,8 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     for record in steps:  # every metric a user watches, with sane values
         assert record["tokens_per_second"] > 0 and record["step_time_s"] > 0 and 0 < record["mfu"] < 1
         assert 0 <= record["padding_fraction"] < 1 and record["supervised_tokens"] > 0
-        assert record["mfu_peak"] == "cpu matmul probe (achieved, not peak)"
+        # The 2 hosts x 2 devices share this one machine: its peak counts once.
+        assert record["mfu_peak"] == "cpu matmul probe x 1 machine(s) (achieved, not peak)"
     # Compilation is timed on its own, once per attempt, and kept out of tokens/s.
     assert [r["step"] for r in first.metrics if r["event"] == "first_step"] == [1]
     evals = [r for r in first.metrics if r["event"] == "eval"]

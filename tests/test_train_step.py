@@ -165,3 +165,31 @@ def test_flops_formula_against_the_compilers_count(tmp_path):
     cfg = model.config
     masked_half = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t
     assert 1.0 <= counted / (flops_per_token(cfg, t) + masked_half) <= 1.1
+
+
+def test_model_flops_count_each_documents_causal_pairs_by_hand():
+    from types import SimpleNamespace
+
+    from raysft.workers import flops
+    from raysft.workers.models.config import ModelConfig
+
+    segments = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [4] * 8], jnp.int32)
+    # Documents of 2, 3, 1 and 8 tokens: 3 + 6 + 1 + 36 (query, key) pairs, padding none.
+    assert float(flops.attention_pairs(segments)) == 46
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16, "head_dim": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 32,
+    })
+    # Per layer q, k, v, o, gate, up, down: 8*4*2 + 2*8*2*2 + 4*2*8 + 3*8*16 = 576; x3 layers
+    # + the LM head 8*32 = 1984 matmul parameters, 6 FLOPs each per token; 12*3*4*2 = 288 per pair.
+    assert flops.model_flops(cfg, tokens=14, pairs=46) == 6 * 1984 * 14 + 288 * 46
+    assert flops.flops_per_token(cfg, 8) == 6 * 1984 + 288 * 36 / 8  # one 8-token document per row
+
+    # A CPU mesh's peak is its machine's, however many virtual devices it has.
+    peak, source = flops.mesh_peak_flops(jax.devices())
+    assert len(jax.devices()) == 4 and peak == flops._cpu_probe() and "x 1 machine" in source
+    # fp32 on GPUs is TF32 tensor cores; TPUs run it as one bf16 pass.
+    h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
+    assert flops.peak_flops(h100, "float32")[0] == 494.7e12 and flops.peak_flops(h100, "bfloat16")[0] == 989e12
+    v5p = SimpleNamespace(device_kind="TPU v5p", platform="tpu")
+    assert flops.peak_flops(v5p, "float32")[0] == flops.peak_flops(v5p, "bfloat16")[0] == 459e12

@@ -23,6 +23,9 @@ class Chip:
     topology_name: str | None = None  # libtpu's name in "v5p:2x2x2" compile-only topologies
     # libtpu describes the chip as one device (two TensorCores as one) only when asked.
     megacore: bool = False
+    # What fp32 matmuls reach at JAX's default precision, where it differs from bf16:
+    # TF32 tensor cores on GPUs (dense). TPUs run them as one bf16 pass at that precision.
+    fp32_peak_flops: float | None = None
 
 
 CHIPS = (
@@ -30,9 +33,9 @@ CHIPS = (
     Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), ("v5litepod", "v5e"), "v5e"),
     Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95 * GiB, int(95.74 * GiB), ("v5p",), "v5p"),
     Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), ("v6e",), "v6e"),
-    Chip("A100", ("NVIDIA A100",), 312e12),
-    Chip("H100", ("NVIDIA H100",), 989e12),
-    Chip("H200", ("NVIDIA H200",), 989e12),
+    Chip("A100", ("NVIDIA A100",), 312e12, fp32_peak_flops=156e12),
+    Chip("H100", ("NVIDIA H100",), 989e12, fp32_peak_flops=494.7e12),
+    Chip("H200", ("NVIDIA H200",), 989e12, fp32_peak_flops=494.7e12),
 )
 TPU_CHIPS = tuple(c for c in CHIPS if c.generations)
 

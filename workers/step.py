@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from raysft.workers.flops import attention_pairs
 from raysft.workers.loss import token_loss_sums
 from raysft.workers.models.params import ParamLayout
 
@@ -110,6 +111,7 @@ def make_train_step(
             "supervised_tokens": sums["weight_sum"],
             "token_accuracy": sums["correct"] / denom,
             "tokens": real_tokens,
+            "attention_pairs": attention_pairs(batch["segment_ids"]),  # for the model FLOPs of packed rows
             "padding_fraction": 1.0 - real_tokens / batch["segment_ids"].size,
         }
         return params, opt_state, metrics

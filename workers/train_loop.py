@@ -21,7 +21,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
-    from raysft.workers.flops import flops_per_token, peak_flops
+    from raysft.workers.flops import mesh_peak_flops, model_flops
     from raysft.workers.models.loading import load_params
     from raysft.workers.preemption import Preempted, PreemptionNotice
     from raysft.workers.programs import RunPrograms
@@ -107,18 +107,18 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     eval_loss_start = eval_start and eval_start["loss"]
     publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
 
-    tokens_flops = flops_per_token(model.config, store.seq_len)
-    peak, peak_source = peak_flops(jax.devices()[0])
+    peak, peak_source = mesh_peak_flops(mesh.devices.flatten().tolist(), spec.dtype)
     saves = SavePolicy(spec.save_steps, spec.save_interval_minutes, spec.log_steps)
     preemption = PreemptionNotice()
     step, last_loss = start_step, None
     attempt_start = time.perf_counter()
-    window_start, window_tokens, window_steps = attempt_start, 0, 0
+    window_start, window_tokens, window_pairs, window_steps = attempt_start, 0, 0, 0
     watchdog.progress("compiling and running the first step", spec.startup_timeout_s)
     while step < total_steps:
         rows = store.step_rows(spec.seed, step, batch)
         params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
         window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
+        window_pairs = window_pairs + metrics["attention_pairs"]
         window_steps += 1
         step += 1
         watchdog.dispatched(step, metrics["loss"])
@@ -149,18 +149,18 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                     "padding_fraction": float(metrics["padding_fraction"]),
                     "tokens_per_second": tokens_per_second,
                     "step_time_s": elapsed / window_steps,
-                    "mfu": tokens_per_second * tokens_flops / (peak * mesh.devices.size),
+                    "mfu": model_flops(model.config, float(window_tokens), float(window_pairs)) / elapsed / peak,
                     "mfu_peak": peak_source,
                 }
             )
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+            window_start, window_tokens, window_pairs, window_steps = time.perf_counter(), 0, 0, 0
         if step == start_step + 1:
             # Compilation stays out of the throughput windows: the first step is timed alone
             # (one sync per attempt; a first step that is also a log step includes it).
             if window_steps:
                 jax.block_until_ready(metrics["loss"])
             publish({"event": "first_step", "step": step, "seconds": time.perf_counter() - attempt_start})
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+            window_start, window_tokens, window_pairs, window_steps = time.perf_counter(), 0, 0, 0
         if step % steps_per_epoch == 0:
             publish({"event": "epoch", "epoch": step // steps_per_epoch, "step": step, "loss": float(metrics["loss"])})
         epoch_end = step % steps_per_epoch == 0 and step < total_steps

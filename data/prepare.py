@@ -113,7 +113,7 @@ def prepare_dataset(
     if fingerprint and RowStore.exists(store_root / fingerprint):  # a resumed run reads no row
         return _reuse(store_root / fingerprint, report)
 
-    formats = [_format(src, settings, formatting_func, local_tokenizer) for src in srcs]
+    formats = _formats(srcs, settings, formatting_func, local_tokenizer)
     in_place = is_object_storage(store_root)
     work = store_root / f".preparing-{uuid.uuid4().hex[:12]}"
     docs_dir = work / "docs"
@@ -160,13 +160,21 @@ def prepare_dataset(
     return RowStore(store_dir)
 
 
-def _format(src: sources.Source, settings: DataSettings, formatting_func, local_tokenizer: Path) -> str:
-    fmt = "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
-    if fmt in CHAT_FORMATS:
+def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func, local_tokenizer: Path) -> list[str]:
+    """Each source's format; a conversation source needs a chat template (the tokenizer
+    is loaded once, and only then)."""
+    formats = [
+        "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
+        for src in srcs
+    ]
+    chats = [src for src, fmt in zip(srcs, formats) if fmt in CHAT_FORMATS]
+    if chats:
         from transformers import AutoTokenizer
 
-        require_chat_template(AutoTokenizer.from_pretrained(local_tokenizer), src.name)
-    return fmt
+        tokenizer = AutoTokenizer.from_pretrained(local_tokenizer)
+        for src in chats:
+            require_chat_template(tokenizer, src.name)
+    return formats
 
 
 def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, settings: DataSettings, formatting_func,

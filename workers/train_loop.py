@@ -85,15 +85,17 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     def evaluate(params) -> dict | None:
         """Loss, perplexity and token accuracy over every eval row of every eval source
-        (one host sync per source), and per named source `eval_loss/<name>` and
+        (one host sync), and per named source `eval_loss/<name>` and
         `eval_token_accuracy/<name>`."""
         if not eval_stores:
             return None
-        per_source = {}
+        on_device = {}
         for name, eval_store in eval_stores.items():
             sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
-            per_source[name] = {key: float(sum(s[key] for s in sums)) for key in ("loss_sum", "weight_sum", "correct")}
-        overall = {key: sum(totals[key] for totals in per_source.values()) for key in ("loss_sum", "weight_sum", "correct")}
+            on_device[name] = {key: sum(s[key] for s in sums) for key in _EVAL_SUMS}
+        # A list, not the dict: pytrees sort dict keys, and the sources keep the user's order.
+        per_source = dict(zip(on_device, jax.device_get(list(on_device.values()))))
+        overall = {key: sum(float(totals[key]) for totals in per_source.values()) for key in _EVAL_SUMS}
         result = _eval_metrics(overall)
         for name, totals in per_source.items():
             if name:
@@ -206,7 +208,10 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     publish({"event": "end", **{k: v for k, v in summary.items() if k != "spec"}})
 
 
-def _eval_metrics(totals: dict[str, float]) -> dict[str, float]:
-    loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
+_EVAL_SUMS = ("loss_sum", "weight_sum", "correct")
+
+
+def _eval_metrics(totals: dict) -> dict[str, float]:
+    loss = float(totals["loss_sum"]) / max(float(totals["weight_sum"]), 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-            "token_accuracy": totals["correct"] / max(totals["weight_sum"], 1.0)}
+            "token_accuracy": float(totals["correct"]) / max(float(totals["weight_sum"]), 1.0)}

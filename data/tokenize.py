@@ -56,18 +56,7 @@ class EncodeRows:
         return f"{part}: row {repr(preview)[:80]}"
 
     def _example(self, row: dict[str, Any], where: str):
-        if RAW_JSON in row:
-            try:
-                text = row[RAW_JSON].decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise BadRow(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})", "invalid_utf8") from None
-            try:
-                row = json.loads(text)
-            except ValueError as err:
-                raise BadRow(f"{where}: malformed JSON line ({err})", "malformed_json") from None
-            if not isinstance(row, dict):
-                raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}", "wrong_type")
-        return to_example(row, self.fmt, self.settings.text_field, where, self.formatting_func)
+        return row_example(row, self.fmt, self.settings.text_field, where, self.formatting_func)
 
     def _skip_or_raise(self, err: BadRow) -> None:
         if err.reason not in POLICY_DROPS and self.settings.on_bad_rows != "skip":
@@ -130,3 +119,19 @@ RECORD_COLUMNS = {
     "dropped": str, "truncated_tokens": np.int64, "dropped_turns": np.int64, "trained": np.float64,
     "max_id": np.int64, "hash0": np.uint64, "hash1": np.uint64,
 }
+
+
+def row_example(row: dict[str, Any], fmt: str, text_field: str, where: str, formatting_func: Callable | None = None):
+    """A read row (a JSON line still as its bytes, or columns) as an `Example`."""
+    if RAW_JSON in row:
+        try:
+            text = row[RAW_JSON].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadRow(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})", "invalid_utf8") from None
+        try:
+            row = json.loads(text)
+        except ValueError as err:
+            raise BadRow(f"{where}: malformed JSON line ({err})", "malformed_json") from None
+        if not isinstance(row, dict):
+            raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}", "wrong_type")
+    return to_example(row, fmt, text_field, where, formatting_func)

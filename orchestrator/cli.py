@@ -1,7 +1,8 @@
 """`raysft sft` (also `python -m raysft.orchestrator.sft`): the seed's command line, via
 pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks;
 `raysft plan`: will the run fit its TPU slice (compiled for it, no TPU needed);
-`raysft export`: write any checkpoint of a run in the Hugging Face layout."""
+`raysft export`: write any checkpoint of a run in the Hugging Face layout;
+`raysft generate` / `raysft chat`: answers from a model or a run's checkpoint."""
 
 from __future__ import annotations
 
@@ -87,9 +88,50 @@ class ExportCommand(BaseSettings):
     export_dtype: DType | None = Field(None, description="Weights' dtype (default: the run's export_dtype).")
 
 
-def accept_bare_bool_flags(argv: list[str]) -> list[str]:
+class ChatCommand(BaseSettings):
+    """Chat in the terminal with a model or a run's checkpoint (the chat template of its
+    tokenizer; the whole conversation is sent with every turn)."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft chat", cli_implicit_flags=False, extra="forbid")
+
+    model: str = Field(description="A model (Hugging Face directory, .gguf file, hub id, s3:// or gs:// URI) or a run "
+                       "directory (its latest checkpoint, or --step).")
+    step: int | None = Field(None, ge=0, description="Checkpoint step of a run directory (default: the latest).")
+    system: str | None = Field(None, description="System prompt.")
+    max_new_tokens: int = Field(256, description="Longest answer in tokens.")
+    temperature: float = Field(0.0, description="Sampling temperature; 0 is greedy.")
+    top_k: int = Field(0, description="Sample from the k most likely tokens (0: all).")
+    top_p: float = Field(1.0, description="Sample from the smallest set of tokens holding this probability (1: all).")
+    seed: int = Field(0, description="Sampling seed: the same seed, prompts and model give the same answers.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings: an answer ends before the first one.")
+    dtype: DType | None = Field(None, description="Compute dtype (default: the run's, else float32).")
+    resources: dict[str, float] | None = Field(
+        None, description="Ray resources of the model's actor (default {'CPU': 1}), e.g. {'TPU': 4} or {'GPU': 1}."
+    )
+
+    def sampling(self):
+        from raysft.workers.sampler import SamplingParams
+
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed)
+
+
+class GenerateCommand(ChatCommand):
+    """Answer prompts with a model or a run's checkpoint: --prompt prints the answer;
+    --prompts_file (JSON lines of {"prompt": ...} or {"messages": [...]}) prints a JSON
+    line {"prompt", "answer"} per line. The tokenizer's chat template is applied unless --raw."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft generate")
+
+    prompt: str | None = Field(None, description="One prompt (a user message when the tokenizer has a chat template).")
+    prompts_file: str | None = Field(None, description="JSON lines, each {\"prompt\": ...} or {\"messages\": [...]}.")
+    raw: bool = Field(False, description="Use the prompt text as it is, without the chat template.")
+    truncate: bool = Field(False, description="Cut a prompt longer than the model's context from the left (with a "
+                           "warning) instead of stopping.")
+
+
+def accept_bare_bool_flags(argv: list[str], command: type[BaseSettings] = SFTCommand) -> list[str]:
     """The seed mixes `--packing True` with bare `--do_last_save`; give bare ones `true`."""
-    bools = {f"--{name}" for name, field in SFTCommand.model_fields.items() if field.annotation is bool}
+    bools = {f"--{name}" for name, field in command.model_fields.items() if field.annotation is bool}
     out = []
     for i, arg in enumerate(argv):
         out.append(arg)
@@ -191,7 +233,80 @@ def run_export(argv: list[str]) -> int:
     return _one_line_errors("raysft export", run)
 
 
-COMMANDS = {"sft": run_sft, "preprocess": run_preprocess, "plan": run_plan, "export": run_export}
+def read_prompts(command: GenerateCommand) -> list:
+    """The prompts as the generator takes them (`workers.text_generation`)."""
+    import json
+
+    def one(value, where: str):
+        if isinstance(value, dict) and "messages" in value:
+            return {"messages": value["messages"], **({"tools": value["tools"]} if value.get("tools") else {})}
+        text = value.get("prompt") if isinstance(value, dict) else value
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected a string, {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        if command.raw:
+            return {"text": text}
+        messages = [{"role": "system", "content": command.system}] if command.system else []
+        return {"messages": messages + [{"role": "user", "content": text}]} if messages else text
+
+    if (command.prompt is None) == (command.prompts_file is None):
+        raise ValueError("give --prompt or --prompts_file (one of them)")
+    if command.prompt is not None:
+        return [one(command.prompt, "--prompt")]
+    prompts = []
+    with open(command.prompts_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{command.prompts_file}: line {number}"
+                try:
+                    value = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err})") from None
+                prompts.append(one(value, where))
+    if not prompts:
+        raise ValueError(f"{command.prompts_file}: no prompts")
+    return prompts
+
+
+def run_generate(argv: list[str]) -> int:
+    def run() -> int:
+        import json
+
+        from raysft.orchestrator.generate import RemoteGenerator
+
+        command = CliApp.run(GenerateCommand, cli_args=accept_bare_bool_flags(argv, GenerateCommand))
+        sampling, prompts = command.sampling(), read_prompts(command)
+        generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
+        warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        answers = generator.generate(prompts, sampling, command.stop, command.truncate, warn=warn)
+        if command.prompt is not None:
+            print(answers[0])
+        else:
+            for prompt, answer in zip(prompts, answers):
+                print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
+        return 0
+
+    return _one_line_errors("raysft generate", run)
+
+
+def run_chat(argv: list[str]) -> int:
+    def run() -> int:
+        from raysft.orchestrator.generate import RemoteGenerator, chat
+
+        command = CliApp.run(ChatCommand, cli_args=accept_bare_bool_flags(argv, ChatCommand))
+        sampling = command.sampling()
+        generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
+        if not generator.has_chat_template():
+            raise ValueError(f"{command.model}: the tokenizer has no chat template to chat with; use raysft generate --raw")
+        chat(generator, sampling, command.stop, command.system)
+        return 0
+
+    return _one_line_errors("raysft chat", run)
+
+
+COMMANDS = {
+    "sft": run_sft, "preprocess": run_preprocess, "plan": run_plan, "export": run_export,
+    "generate": run_generate, "chat": run_chat,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]\n"
             "       raysft plan [--help] [--config FILE.yaml] --repo_id MODEL --tpu_type v5p-16 [flags]\n"
-            "       raysft export [--help] --run_dir DIR [--step N] [--output_dir DIR] [--export_dtype bfloat16]",
+            "       raysft export [--help] --run_dir DIR [--step N] [--output_dir DIR] [--export_dtype bfloat16]\n"
+            "       raysft generate [--help] --model MODEL|RUN_DIR [--step N] (--prompt TEXT | --prompts_file F.jsonl) [flags]\n"
+            "       raysft chat [--help] --model MODEL|RUN_DIR [--step N] [--system TEXT] [flags]",
             file=sys.stderr,
         )
         return 2

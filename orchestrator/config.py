@@ -133,6 +133,18 @@ class SFTConfig(BaseModel):
     eval_steps: int | None = Field(
         None, gt=0, description="Evaluate every this many steps (and always at each epoch end and the end)."
     )
+    generate_during_eval: int = Field(
+        0, ge=0, description="At every eval, answer this many eval conversations (their last answer removed; greedy "
+        "unless generation_temperature > 0): printed, in report/generations.md and wandb, with eval_exact_match.",
+    )
+    generation_prompts: list[str] | None = Field(
+        None, description="Prompts to answer at every eval instead of eval rows (chat template applied when the "
+        "tokenizer has one); no reference, so no exact match.",
+    )
+    generation_max_new_tokens: int = Field(128, gt=0, description="Longest answer generated during eval.")
+    generation_temperature: float = Field(0.0, ge=0, description="Sampling temperature of eval answers (0: greedy).")
+    generation_top_k: int = Field(0, ge=0, description="Sample eval answers from the top k tokens (0: all).")
+    generation_top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of eval answers (1: off).")
     use_wandb: bool = Field(
         False, description="Log config, metrics and summary to Weights & Biases (offline when there is no API key)."
     )

@@ -36,6 +36,17 @@ def checkpoint_steps(run_dir: epath.Path) -> list[int]:
         checkpoints.close()
 
 
+def complete_step(run_dir: epath.Path, step: int | None) -> int:
+    """Checkpoint `step` of a run (default: the latest), which must be complete."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; set save_steps or do_last_save")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{run_dir / 'checkpoints'} has no step {step}; complete steps: {', '.join(map(str, steps))}")
+    return step
+
+
 def export_checkpoint(
     run_dir: str | os.PathLike,
     step: int | None = None,
@@ -51,12 +62,7 @@ def export_checkpoint(
 
     run_dir = location(run_dir)
     record = RunRecord.read(run_dir)
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; set save_steps or do_last_save")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"{run_dir / 'checkpoints'} has no step {step}; complete steps: {', '.join(map(str, steps))}")
+    step = complete_step(run_dir, step)
     output = location(output_dir) if output_dir else run_dir / f"export-step-{step}"
     config = record.config
     if export_dtype:

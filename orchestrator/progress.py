@@ -10,6 +10,9 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
+# Answers printed per eval; all of them are in report/generations.md.
+SHOWN_ANSWERS = 3
+
 
 class ProgressReporter:
     """Drains worker metrics in a background thread into a progress bar and log lines."""
@@ -68,6 +71,8 @@ class ProgressReporter:
                 self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step")
             resumed = f"resumed at step {record['start_step']}" if record["start_step"] else "from step 0"
             eval_part = f", eval loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""
+            if record.get("exact_match") is not None:
+                eval_part += f", exact match {record['exact_match']:.3f}"
             tqdm.write(f"training {resumed} of {record['total_steps']}{eval_part}")
         elif event == "step" and self._bar is not None:
             tqdm.write(
@@ -82,10 +87,15 @@ class ProgressReporter:
             per_source = "".join(
                 f"  {key.split('/', 1)[1]} {value:.4f}" for key, value in record.items() if key.startswith("eval_loss/")
             )
-            tqdm.write(
-                f"eval at step {record['step']}: loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
-                f"token accuracy {record['token_accuracy']:.3f}" + (f"  | loss by source:{per_source}" if per_source else "")
-            )
+            parts = []
+            if "loss" in record:
+                parts.append(f"loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
+                             f"token accuracy {record['token_accuracy']:.3f}")
+            if "exact_match" in record:
+                parts.append(f"exact match {record['exact_match']:.3f}")
+            tqdm.write(f"eval at step {record['step']}: " + "  ".join(parts) + (f"  | loss by source:{per_source}" if per_source else ""))
+        elif event == "generations":
+            tqdm.write(show_generations(record, SHOWN_ANSWERS))
         elif event == "first_step":
             tqdm.write(f"step {record['step']} (compilation included) took {record['seconds']:.1f} s")
         elif event == "epoch":
@@ -94,3 +104,21 @@ class ProgressReporter:
             tqdm.write(f"{event}: {record['message']}")
         elif event == "preempted":
             tqdm.write(f"preemption notice: saved step {record['step']}; restarting")
+
+
+def show_generations(record: dict, shown: int) -> str:
+    samples = record["samples"]
+    judged = f"; exact match {record['exact_match']:.3f} over {len(samples)}" if "exact_match" in record else ""
+    took = f"; {record['seconds']:.1f} s" if "seconds" in record else ""
+    lines = [f"answers at step {record['step']} ({min(shown, len(samples))} of {len(samples)}{judged}{took}):"]
+    for sample in samples[:shown]:
+        lines.append(f"  Q: {_one_line(sample['prompt'])}")
+        lines.append(f"  A: {_one_line(sample['answer'])}")
+        if "reference" in sample:
+            lines.append(f"     reference: {_one_line(sample['reference'])}")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

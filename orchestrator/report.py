@@ -1,5 +1,6 @@
-"""The run report: `report/metrics.jsonl`, `report/summary.json` and PNG plots of the
-train and eval loss, the learning rate and tokens/s against the step."""
+"""The run report: `report/metrics.jsonl`, `report/summary.json`, PNG plots of the train
+and eval loss, the learning rate and tokens/s against the step, and with eval prompts
+the answers at every eval (`generations.jsonl`, and `generations.md` to read)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[
     written = [report_dir / "metrics.jsonl", report_dir / "summary.json"]
     written[0].write_text("".join(json.dumps(r) + "\n" for r in records))
     written[1].write_text(json.dumps(summary, indent=2))
+    generations = [r for r in records if r["event"] == "generations"]
+    if generations:
+        written += write_generations(report_dir, generations)
     for file, (title, series) in plots(records).items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for event, key, label in series:
@@ -53,3 +57,23 @@ def _last_per_step(records: list[dict]) -> list[dict]:
     """A restarted run reports some steps twice; the plot shows the run that counted."""
     by_step = {r["step"]: r for r in records}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def write_generations(report_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """One JSON line per answer, and a page per prompt with its answer at every eval."""
+    lines = [json.dumps({"step": r["step"], **sample}) for r in records for sample in r["samples"]]
+    (report_dir / "generations.jsonl").write_text("".join(line + "\n" for line in lines))
+    page = ["# Answers at every eval", ""]
+    scores = [f"step {r['step']}: {r['exact_match']:.3f}" for r in records if "exact_match" in r]
+    if scores:
+        page += ["Exact match (normalised answer = reference): " + ", ".join(scores), ""]
+    for i, first in enumerate(records[0]["samples"]):
+        page += [f"## {i + 1}. {first['prompt']}", ""]
+        if "reference" in first:
+            page += [f"**Reference:** {first['reference']}", ""]
+        for r in records:
+            sample = r["samples"][i]
+            mark = {True: " (exact)", False: ""}.get(sample.get("exact_match"), "")
+            page += [f"**Step {r['step']}{mark}:** {sample['answer']}", ""]
+    (report_dir / "generations.md").write_text("\n".join(page))
+    return [report_dir / "generations.jsonl", report_dir / "generations.md"]

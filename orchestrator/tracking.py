@@ -54,8 +54,18 @@ class WandbTracker:
 
     def log(self, record: dict[str, Any]) -> None:
         values = wandb_values(record)
+        if record["event"] == "generations":
+            values = {"eval/generations": self._table(record)}
         if values:
             self.run.log(values, step=record["step"])
+
+    @staticmethod
+    def _table(record: dict[str, Any]):
+        import wandb
+
+        columns = ["step", "source", "prompt", "reference", "answer", "exact_match"]
+        rows = [[record["step"], *(s.get(c) for c in columns[1:])] for s in record["samples"]]
+        return wandb.Table(columns=columns, data=rows)
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

@@ -13,6 +13,7 @@ from etils import epath
 
 from raysft.data import mixture
 from raysft.data.data_nodes import off_tpu_hosts
+from raysft.data.eval_prompts import eval_prompts
 from raysft.data.locations import is_object_storage, location, make_dir, staging_dir, upload
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
@@ -29,6 +30,7 @@ from raysft.workers.models.auto import CausalLM
 from raysft.workers.models.source import ModelSource
 from raysft.workers.shared_storage import write_marker
 from raysft.workers.spec import TrainSpec
+from raysft.workers.text_generation import as_prompt
 from raysft.workers.train_loop import train_loop_per_worker
 
 
@@ -78,6 +80,8 @@ class SFTTrainer:
         mixture.parts(train_dataset)  # a bad mixture fails here, before Ray starts
         if eval_dataset is not None:
             mixture.parts(eval_dataset, "eval_dataset")
+        elif arguments.generate_during_eval and not arguments.generation_prompts:
+            raise ValueError("generate_during_eval answers eval rows: pass an eval_dataset, or set generation_prompts")
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = processing_class
@@ -154,6 +158,19 @@ class SFTTrainer:
         self._check_vocabulary([train_store, *eval_stores.values()])
         return tokenizer_dir, train_store, eval_stores
 
+    def eval_prompts(self) -> list[dict] | None:
+        """What the model answers at every eval: `generation_prompts`, or the first
+        `generate_during_eval` rows of the eval set without their last answer."""
+        args = self.args
+        if args.generation_prompts:
+            return [as_prompt(prompt, self._load_tokenizer()) for prompt in args.generation_prompts]
+        if not args.generate_during_eval:
+            return None
+        return eval_prompts(
+            self.eval_dataset, args.generate_during_eval, args.dataset_text_field or "text", args.dataset_format,
+            dict(split=args.dataset_split, data_dir=args.data_dir, kwargs=args.dataset_kwargs),
+        )
+
     def _check_vocabulary(self, stores) -> None:
         """A token id past the embedding table would train on NaN (JAX fills out-of-range
         gathers); say so before any worker starts."""
@@ -194,6 +211,7 @@ class SFTTrainer:
         connect(args.hosts)
         check_every_node(marker, str(self.model))
         tokenizer_dir, train_store, eval_stores = self.prepare_data()
+        prompts = self.eval_prompts()
         RunRecord(self.model, args).write(run_dir)
 
         summary_file = run_dir / "summary.json"
@@ -216,6 +234,7 @@ class SFTTrainer:
                     summary_file=str(summary_file),
                     metrics_queue=progress.queue,
                     storage_marker=marker,
+                    eval_prompts=prompts,
                 )
                 self._fit(spec, run_dir, progress)
             if not summary_file.is_file():

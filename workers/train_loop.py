@@ -21,6 +21,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.data.store import RowStore
     from raysft.workers.batches import global_batch
     from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
+    from raysft.workers.eval_generation import EvalGenerations
     from raysft.workers.flops import mesh_peak_flops, model_flops
     from raysft.workers.models.loading import load_params
     from raysft.workers.preemption import Preempted, PreemptionNotice
@@ -82,13 +83,20 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         }
 
     train_step, eval_step = programs.train_step, programs.eval_step
+    generations = EvalGenerations.build(spec, model)
 
-    def evaluate(params) -> dict | None:
+    def evaluate(params, step: int) -> dict | None:
         """Loss, perplexity and token accuracy over every eval row of every eval source
         (one host sync), and per named source `eval_loss/<name>` and
-        `eval_token_accuracy/<name>`."""
+        `eval_token_accuracy/<name>`; with eval prompts, their answers (published) and
+        `exact_match`."""
+        generated = {}
+        if generations is not None:
+            record = generations.run(params, step)
+            publish(record)
+            generated = {k: v for k, v in record.items() if k == "exact_match"}
         if not eval_stores:
-            return None
+            return generated or None
         on_device = {}
         for name, eval_store in eval_stores.items():
             sums = [eval_step(params, global_batch(eval_store, rows, b_shard)) for rows in eval_store.eval_batches(batch)]
@@ -102,12 +110,15 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                 metrics = _eval_metrics(totals)
                 result[f"eval_loss/{name}"] = metrics["loss"]
                 result[f"eval_token_accuracy/{name}"] = metrics["token_accuracy"]
-        return result
+        return {**result, **generated}
 
     watchdog.progress("evaluating", spec.startup_timeout_s)
-    eval_start = evaluate(params)
-    eval_loss_start = eval_start and eval_start["loss"]
-    publish({"event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start})
+    eval_start = evaluate(params, start_step)
+    eval_loss_start = eval_start and eval_start.get("loss")
+    publish({
+        "event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start,
+        "exact_match": eval_start and eval_start.get("exact_match"),
+    })
 
     peak, peak_source = mesh_peak_flops(mesh.devices.flatten().tolist(), spec.dtype)
     saves = SavePolicy(spec.save_steps, spec.save_interval_minutes, spec.log_steps)
@@ -166,18 +177,20 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         if step % steps_per_epoch == 0:
             publish({"event": "epoch", "epoch": step // steps_per_epoch, "step": step, "loss": float(metrics["loss"])})
         epoch_end = step % steps_per_epoch == 0 and step < total_steps
-        if eval_stores and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
+        if (eval_stores or generations) and (epoch_end or (spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps)):
             watchdog.progress("evaluating", spec.startup_timeout_s)
             jax.block_until_ready(params)  # the window's steps end here: eval time is not step time
             paused = time.perf_counter()
-            publish({"event": "eval", "step": step, **evaluate(params)})
+            evaluated = evaluate(params, step)
+            if evaluated:  # None with only generation prompts that have no reference
+                publish({"event": "eval", "step": step, **evaluated})
             window_start += time.perf_counter() - paused
             watchdog.progress("training")
     preemption.close()
     watchdog.progress("finishing the last checkpoint", spec.startup_timeout_s)
     ckpts.close()
-    eval_end = evaluate(params)
-    eval_loss_end = eval_end and eval_end["loss"]
+    eval_end = evaluate(params, step)
+    eval_loss_end = eval_end and eval_end.get("loss")
     if eval_end:
         publish({"event": "eval", "step": step, **eval_end})
 
@@ -192,6 +205,8 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "eval_loss_start": eval_loss_start,
         "eval_loss_end": eval_loss_end,
         "eval_end": eval_end,
+        "eval_exact_match_start": eval_start and eval_start.get("exact_match"),
+        "eval_exact_match_end": eval_end and eval_end.get("exact_match"),
         "process_count": jax.process_count(),
         "mesh_devices": int(mesh.devices.size),
         "mesh_shape": dict(mesh.shape),

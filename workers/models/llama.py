@@ -59,17 +59,23 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(k, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.heads, self.kv_heads, self.head_dim, self.qk_norm = h, g, k, cfg.qk_norm
 
-    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend):
+    def qkv(self, x_BxTxD, cos_BxTxK, sin_BxTxK):
+        """Queries, keys and values of x at its positions (RoPE applied)."""
         b, t, _ = x_BxTxD.shape
         q_BxTxHxK = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
         k_BxTxGxK = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
         v_BxTxGxK = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q_BxTxHxK, k_BxTxGxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxGxK)
-        q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
-        k_BxTxGxK = apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK)
-        out_BxTxHxK = attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, window)
-        return self.o_proj(out_BxTxHxK.reshape(b, t, self.heads * self.head_dim))
+        return apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK), apply_rope(k_BxTxGxK, cos_BxTxK, sin_BxTxK), v_BxTxGxK
+
+    def out(self, attended_BxTxHxK):
+        b, t = attended_BxTxHxK.shape[:2]
+        return self.o_proj(attended_BxTxHxK.reshape(b, t, self.heads * self.head_dim))
+
+    def __call__(self, x_BxTxD, cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend):
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self.qkv(x_BxTxD, cos_BxTxK, sin_BxTxK)
+        return self.out(attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, window))
 
 
 class MLP(nnx.Module):
@@ -95,7 +101,9 @@ class DecoderLayer(nnx.Module):
         attn_BxTxD = self.self_attn(
             self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, segment_ids_BxT, window, attend
         )
-        x_BxTxD = x_BxTxD + attn_BxTxD
+        return self.feed_forward(x_BxTxD + attn_BxTxD)
+
+    def feed_forward(self, x_BxTxD):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 

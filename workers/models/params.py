@@ -50,6 +50,10 @@ class ParamLayout:
         return cls(graphdef, treedef, shapes), params
 
     @property
+    def nbytes(self) -> int:
+        return sum(s.size * s.dtype.itemsize for s in self.shapes.values())
+
+    @property
     def names(self) -> list[str]:
         return list(self.shapes)
 

@@ -1,0 +1,177 @@
+"""The KV-cache sampler against transformers' `generate` and its logits warpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import raysft as rs
+from conftest import save_tiny_model
+from raysft.workers.sampler import PromptTooLong, Sampler, SamplingParams, filtered_logits
+from test_model_parity import VARIANTS
+
+
+def _reference_greedy(model_dir, prompts, new_tokens, **kwargs) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:  # one at a time: no padding on the reference side
+        ids = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, **kwargs)
+        out.append(ids[0, len(prompt):].tolist())
+    return out
+
+
+@pytest.mark.parametrize(
+    "variant, scan_layers",
+    [("llama-untied-gqa2", False), ("llama3-rope", True), ("mistral-window", False), ("mistral-window", True),
+     ("qwen2-window-from-layer-1", True), ("qwen3-bias-window", False)],
+)
+def test_greedy_tokens_match_transformers_generate(tmp_path, variant, scan_layers):
+    """Batched prompts of different lengths (left-padded in one batch here, one by one
+    there), decoded past the sliding windows: the same tokens."""
+    architecture, overrides = VARIANTS[variant]
+    model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture=architecture, **overrides)
+    model = rs.AutoModelForCausalLM.from_pretrained(model_dir, scan_layers=scan_layers)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 97, size=n).tolist() for n in (5, 17, 9)]
+    sampler = Sampler(model.layout, stop_token_ids=[], max_length=512)
+
+    ours = sampler.generate(model.params, prompts, SamplingParams(max_new_tokens=12))
+
+    expected = _reference_greedy(model_dir, prompts, 12, min_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert ours == expected
+
+
+def test_smollm2_greedy_answers_match_transformers_generate(gguf_file, smollm2_cache, monkeypatch):
+    """The real SmolLM2-135M-Instruct, its chat template and its end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    from raysft.workers.text_generation import TextGenerator
+
+    monkeypatch.setenv("RAYSFT_CACHE", str(smollm2_cache))
+    model = rs.AutoModelForCausalLM.from_pretrained(gguf_file, scan_layers=True)
+    tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
+    generator = TextGenerator(model.layout, tokenizer, model.model_dir, max_length=8192)
+    questions = ["What is the capital of France?", "How many days are in 3 weeks?", "Name a primary colour."]
+    prompts = [generator.encode(q) for q in questions]
+    assert generator.sampler.stop_token_ids.tolist() == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    ours = generator.sampler.generate(model.params, prompts, SamplingParams(max_new_tokens=24))
+
+    assert ours == _reference_greedy(model.model_dir, prompts, 24)
+    assert any(tokens[-1] == tokenizer.eos_token_id for tokens in ours)  # some answer ended at its end of turn
+    answers = generator.generate(model.params, questions, SamplingParams(max_new_tokens=24))
+    assert answers[0] == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.9), (20, 0.7), (1, 0.5), (200, 0.95)])
+def test_filtered_logits_keep_what_transformers_warpers_keep(top_k, top_p):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = np.random.default_rng(top_k).normal(size=(4, 97)).astype(np.float32) * 3
+    expected = torch.from_numpy(logits)
+    for warper in [TemperatureLogitsWarper(0.7)] + ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)]:
+        expected = warper(None, expected)
+
+    ours = np.asarray(filtered_logits(logits, np.float32(0.7), np.int32(top_k), np.float32(top_p)))
+
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected.numpy()))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], expected.numpy()[np.isfinite(ours)], rtol=1e-6)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tmp_path):
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
+    model = rs.AutoModelForCausalLM.from_pretrained(model_dir)
+    sampler = Sampler(model.layout, stop_token_ids=[], max_length=512)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    warm = SamplingParams(max_new_tokens=16, temperature=1.5, seed=1)
+
+    first = sampler.generate(model.params, prompts, warm)
+
+    assert sampler.generate(model.params, prompts, warm) == first
+    assert sampler.generate(model.params, prompts, SamplingParams(16, 1.5, seed=2)) != first
+    greedy = sampler.generate(model.params, prompts, SamplingParams(16))
+    assert greedy != first
+    assert sampler.generate(model.params, prompts, SamplingParams(16, 1.5, top_k=1, seed=3)) == greedy
+
+
+def test_stops_at_stop_tokens_and_strings_and_refuses_bad_input(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from raysft.workers.text_generation import TextGenerator
+
+    model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = TextGenerator(model.layout, tokenizer, None, max_length=40)
+    params = model.params
+    free = generator.sampler.generate(params, [[5, 6, 7]], SamplingParams(24))[0]
+    stop = free[5]
+    stopping = Sampler(model.layout, stop_token_ids=[stop], max_length=40)
+    assert stopping.generate(params, [[5, 6, 7]], SamplingParams(24))[0] == free[: free.index(stop) + 1]
+
+    text = generator.generate(params, ["the cat"], SamplingParams(24))[0]
+    assert len(text) > 4
+    cut_at = text[len(text) // 2 : len(text) // 2 + 2]
+    assert generator.generate(params, ["the cat"], SamplingParams(24), stop_strings=[cut_at])[0] == text[: text.index(cut_at)]
+
+    long_prompt = "the cat sat on the mat " * 20
+    with pytest.raises(PromptTooLong, match=r"prompt 0 has \d+ tokens, more than the model's context of 40"):
+        generator.generate(params, [long_prompt], SamplingParams(4))
+    answers, warnings = generator.generate_with_warnings(params, [long_prompt], SamplingParams(4), truncate=True)
+    assert len(answers) == 1 and "its first" in warnings[0]
+    for bad, message in [
+        (dict(max_new_tokens=0), "max_new_tokens must be > 0"), (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
+
+
+def test_eval_rows_become_prompts_and_references():
+    from raysft.data.errors import DataError
+    from raysft.data.eval_prompts import split_answer
+    from raysft.data.formats import to_example
+    from raysft.workers.text_generation import exact_match
+
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                         {"role": "assistant", "content": "a2"}]}
+    assert split_answer(to_example(chat, "messages", "text", "r"), "r") == {
+        "messages": chat["messages"][:4], "tools": None, "reference": "a2"}
+    pc = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
+    assert split_answer(to_example(pc, "prompt_completion", "text", "r"), "r")["reference"] == "a"
+    assert split_answer(to_example({"prompt": "2+2=", "completion": "4"}, "prompt_completion", "text", "r"), "r") == {
+        "text": "2+2=", "reference": "4"}
+    instruction = to_example({"instruction": "Add", "input": "2 and 2", "output": "4"}, "instruction", "text", "r")
+    assert split_answer(instruction, "r") == {"text": "Add\n\n2 and 2\n\n", "reference": "4"}
+    with pytest.raises(DataError, match="data.jsonl: row 3: generate_during_eval needs rows with a prompt and an answer"):
+        split_answer(to_example({"text": "plain"}, "text", "text", "r"), "data.jsonl: row 3")
+
+    assert exact_match("  The answer is 4.", "the answer  is 4") and not exact_match("The answer is 5.", "The answer is 4.")
+
+
+@pytest.mark.parametrize("dims", [(1, 4, 1, 1), (2, 1, 2, 1)], ids=["fsdp4", "dp2_tp2"])
+def test_sharded_parameters_generate_what_one_device_does(tmp_path, dims):
+    """On a 4-device mesh with the training shardings (as on a TPU host when a copy per
+    chip does not fit), rows split over the mesh (4 prompts) or replicated (3)."""
+    from raysft.workers.mesh import global_mesh, param_sharding
+    from raysft.workers.models.auto import build_layout
+    from raysft.workers.models.config import ModelConfig
+    from raysft.workers.models.loading import load_params
+    from raysft.workers.models.runtime import ModelRuntime
+
+    model_dir = save_tiny_model(tmp_path, vocab_size=96)  # tp=2 splits the vocabulary
+    single = rs.AutoModelForCausalLM.from_pretrained(model_dir)
+    mesh = global_mesh(*dims)
+    layout = build_layout(ModelConfig.from_file(model_dir / "config.json"), np.float32, np.float32, ModelRuntime(mesh=mesh))
+    params, _ = load_params(model_dir, layout, lambda name, shape: param_sharding(mesh, name, shape))
+    assert any(not p.sharding.is_fully_replicated for p in params.values())
+    rng = np.random.default_rng(2)
+    sampling = SamplingParams(max_new_tokens=10, temperature=0.9, seed=4)
+    for count in (4, 3):
+        prompts = [rng.integers(1, 96, size=n).tolist() for n in (3, 11, 7, 20)[:count]]
+        expected = Sampler(single.layout, [], 512).generate(single.params, prompts, sampling)
+        assert Sampler(layout, [], 512, mesh=mesh).generate(params, prompts, sampling) == expected

@@ -1,0 +1,49 @@
+"""A model on one host's devices, answering prompts for `raysft generate` and `raysft chat`
+(a Ray actor: on this machine's embedded Ray or on a node of the cluster)."""
+
+from __future__ import annotations
+
+from raysft.workers.spec import TrainSpec
+
+
+class GenerationServer:
+    def __init__(self, spec_fields: dict, step: int | None):
+        """`spec_fields`: the model, its tokenizer and how it computes (a run's settings for
+        a run directory); `step`: the checkpoint of `spec.checkpoint_dir` to load, or None
+        for the model's own weights. The mesh is this host's devices."""
+        from transformers import AutoTokenizer
+
+        from raysft.data.locations import local_copy
+        from raysft.workers.checkpoint import Checkpoints
+        from raysft.workers.models.loading import load_params
+        from raysft.workers.sampler import Placement
+        from raysft.workers.sharded_model import ShardedModel
+        from raysft.workers.text_generation import TextGenerator
+
+        spec = TrainSpec(**spec_fields)
+        model = ShardedModel.build(spec)
+        if step is None:
+            self.params, _ = load_params(model.model_dir, model.layout, lambda name, shape: model.shardings[name])
+        else:
+            checkpoints = Checkpoints(spec.checkpoint_dir, keep=None)
+            self.params = checkpoints.restore_params(step, model.abstract_params())
+            checkpoints.close()
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir))
+        placement = Placement.choose(model.mesh, model.layout.nbytes)
+        self.params = placement.place(self.params)
+        self.generator = TextGenerator(
+            model.layout, tokenizer, model.model_dir, model.hf_config.get("max_position_embeddings", 1 << 20),
+            placement.mesh, spec.chat_template_kwargs, spec.add_special_tokens,
+        )
+
+    def generate(self, prompts: list, sampling: dict, stop_strings: list[str], truncate: bool = False) -> dict:
+        """{"answers": one per prompt, "warnings": what to tell the user}."""
+        from raysft.workers.sampler import SamplingParams
+
+        answers, warnings = self.generator.generate_with_warnings(
+            self.params, prompts, SamplingParams(**sampling), stop_strings, truncate
+        )
+        return {"answers": answers, "warnings": warnings}
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.generator.tokenizer, "chat_template", None))

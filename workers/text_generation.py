@@ -1,0 +1,125 @@
+"""Text in, text out: prompts through the tokenizer (a conversation through its chat
+template, with the generation prompt), answers decoded and cut at stop strings.
+
+A prompt is a dict: `{"messages": [...], "tools": [...]}` for a conversation, or
+`{"text": "..."}` used as it is (prompt/completion and instruction rows are trained on
+their raw text). A plain string is one user message when the tokenizer has a chat
+template, else raw text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+from raysft.workers.models.params import ParamLayout
+from raysft.workers.sampler import PromptTooLong, Sampler, SamplingParams
+
+_END_OF_TURN = re.compile(r"end|eot|eos", re.IGNORECASE)
+
+
+def stop_token_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
+    """EOS as the tokenizer and `generation_config.json` name it, and the special tokens
+    the chat template ends a turn with (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...)."""
+    ids = {tokenizer.eos_token_id} - {None}
+    config = Path(model_dir or "") / "generation_config.json"
+    if model_dir is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]:
+        if token in template and _END_OF_TURN.search(token):
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return sorted(ids)
+
+
+def as_prompt(prompt: str | dict, tokenizer) -> dict:
+    if isinstance(prompt, dict):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return {"messages": [{"role": "user", "content": prompt}]}
+    return {"text": prompt}
+
+
+def prompt_ids(prompt: dict, tokenizer, template_kwargs: dict | None = None, add_special_tokens: bool = True) -> list[int]:
+    if "messages" in prompt:
+        rendered = tokenizer.apply_chat_template(
+            prompt["messages"], tools=prompt.get("tools"), add_generation_prompt=True, tokenize=False,
+            **(template_kwargs or {}),
+        )
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt["text"], add_special_tokens=add_special_tokens)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
+
+
+def normalize(text: str) -> str:
+    """What exact match compares: case, surrounding punctuation and runs of spaces aside."""
+    return " ".join(text.lower().split()).strip(" .!?")
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
+
+
+class TextGenerator:
+    def __init__(
+        self,
+        layout: ParamLayout,
+        tokenizer,
+        model_dir: Path | None,
+        max_length: int,
+        mesh: jax.sharding.Mesh | None = None,
+        template_kwargs: dict | None = None,
+        add_special_tokens: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.template_kwargs, self.add_special_tokens = template_kwargs, add_special_tokens
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.sampler = Sampler(layout, stop_token_ids(tokenizer, model_dir), max_length, pad, mesh)
+
+    def encode(self, prompt: str | dict[str, Any]) -> list[int]:
+        return prompt_ids(as_prompt(prompt, self.tokenizer), self.tokenizer, self.template_kwargs, self.add_special_tokens)
+
+    def encode_all(self, prompts: Sequence[str | dict[str, Any]], truncate: bool = False) -> tuple[list[list[int]], list[str]]:
+        """Token ids of each prompt; one over the model's context is an error, or with
+        `truncate` keeps its last tokens (and a warning says so)."""
+        limit, encoded, warnings = self.sampler.max_length, [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            if len(ids) > limit:
+                if not truncate:
+                    raise PromptTooLong(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}")
+                warnings.append(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}: "
+                                f"its first {len(ids) - limit} tokens were cut")
+                ids = ids[-limit:]
+            encoded.append(ids)
+        return encoded, warnings
+
+    def generate(
+        self,
+        params: dict[str, jax.Array],
+        prompts: Sequence[str | dict[str, Any]],
+        sampling: SamplingParams,
+        stop_strings: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> list[str]:
+        """The answer to each prompt, without its stop token and cut before a stop string."""
+        return self.generate_with_warnings(params, prompts, sampling, stop_strings, truncate)[0]
+
+    def generate_with_warnings(self, params, prompts, sampling, stop_strings=(), truncate=False) -> tuple[list[str], list[str]]:
+        """`generate`, and what a person should be told (prompts cut to the context)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        stopped = (lambda row, ids: any(s in decode(ids) for s in stop_strings)) if stop_strings else None
+        encoded, warnings = self.encode_all(prompts, truncate)
+        answers = [decode(ids) for ids in self.sampler.generate(params, encoded, sampling, stopped)]
+        return [_cut(answer, stop_strings) for answer in answers], warnings
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    ends = [text.find(s) for s in stop_strings if s in text]
+    return text[: min(ends)] if ends else text

@@ -6,7 +6,8 @@ the real SmolLM2-135M-Instruct (fp32, this machine, the same prompts), measured 
 
 Prefill tokens/s: prompt tokens over the time of a 1-token generation. Decode tokens/s:
 the extra tokens of an N-token generation over its extra time. Neither side stops early
-(EOS is ignored), so both generate exactly the same number of tokens.
+(EOS is ignored), so both generate exactly the same number of tokens. The two sides'
+timings alternate, and each keeps its best of `repeats`.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ class Settings(BaseSettings):
     repeats: int = 5
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # compilation, allocator warm-up
-    times = []
+def best_seconds(runs: dict, repeats: int) -> dict:
+    """Best time of each run, the runs interleaved so both sides see the same machine
+    (a shared machine's load changes within a minute)."""
+    for fn in runs.values():
+        fn()  # compilation, allocator warm-up
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -82,14 +87,16 @@ def main() -> None:
                                        min_new_tokens=n, pad_token_id=tokenizer.eos_token_id)
             return run
 
-        timings = {}
-        for name, run in (("raysft", jax_run), ("transformers", torch_run)):
-            prefill = best_seconds(run(1), s.repeats)
-            full = best_seconds(run(s.new_tokens), s.repeats)
-            timings[name] = {
-                "prefill_tokens_per_s": round(batch * length / prefill, 1),
-                "decode_tokens_per_s": round(batch * (s.new_tokens - 1) / max(full - prefill, 1e-9), 1),
+        sides = {"raysft": jax_run, "transformers": torch_run}
+        prefill = best_seconds({name: run(1) for name, run in sides.items()}, s.repeats)
+        full = best_seconds({name: run(s.new_tokens) for name, run in sides.items()}, s.repeats)
+        timings = {
+            name: {
+                "prefill_tokens_per_s": round(batch * length / prefill[name], 1),
+                "decode_tokens_per_s": round(batch * (s.new_tokens - 1) / max(full[name] - prefill[name], 1e-9), 1),
             }
+            for name in sides
+        }
         timings["prefill_ratio"] = round(
             timings["raysft"]["prefill_tokens_per_s"] / timings["transformers"]["prefill_tokens_per_s"], 3)
         timings["decode_ratio"] = round(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.data.expressions import col
+
 from raysft.data import mixture, sources
 from raysft.data.errors import DataError
 from raysft.data.formats import Example, detect_format
@@ -52,7 +54,7 @@ def _first_rows(source: sources.Source, count: int) -> list[tuple[dict, str]]:
     (numbered sources; others in the order Ray Data reads them)."""
     dataset = source.read()
     if source.numbered:
-        rows = dataset.filter(lambda row: row[ROW_NUMBER] <= count).take_all()  # each file's first rows
+        rows = dataset.filter(expr=col(ROW_NUMBER) <= count).take_all()  # each file's first rows
         rows.sort(key=lambda r: (r[FILE_INDEX] or 0, r[ROW_NUMBER]))
     else:
         rows = dataset.take(count)

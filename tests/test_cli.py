@@ -142,6 +142,8 @@ def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys
     assert final >= 4 and out.count("epoch 2 done") == 1
     assert out.count(f"wandb: no API key found; logging offline under {run_dir / 'wandb'}") == 1
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/generations_*.table.json"))
+    assert len(tables) == len(generations) // 3  # one table of answers per eval
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[0] == 2 and saved[-1] == final
 

@@ -25,8 +25,8 @@ def _reference_greedy(model_dir, prompts, new_tokens, **kwargs) -> list[list[int
 
 @pytest.mark.parametrize(
     "variant, scan_layers",
-    [("llama-untied-gqa2", False), ("llama3-rope", True), ("mistral-window", False), ("mistral-window", True),
-     ("qwen2-window-from-layer-1", True), ("qwen3-bias-window", False)],
+    [("llama-untied-gqa2", False), ("mistral-window", True), ("qwen2-window-from-layer-1", True),
+     ("qwen3-bias-window", False)],
 )
 def test_greedy_tokens_match_transformers_generate(tmp_path, variant, scan_layers):
     """Batched prompts of different lengths (left-padded in one batch here, one by one
@@ -153,25 +153,24 @@ def test_eval_rows_become_prompts_and_references():
     assert exact_match("  The answer is 4.", "the answer  is 4") and not exact_match("The answer is 5.", "The answer is 4.")
 
 
-@pytest.mark.parametrize("dims", [(1, 4, 1, 1), (2, 1, 2, 1)], ids=["fsdp4", "dp2_tp2"])
-def test_sharded_parameters_generate_what_one_device_does(tmp_path, dims):
+def test_sharded_parameters_generate_what_one_device_does(tmp_path):
     """On a 4-device mesh with the training shardings (as on a TPU host when a copy per
-    chip does not fit), rows split over the mesh (4 prompts) or replicated (3)."""
+    chip does not fit), rows split over the mesh (4 prompts) or replicated (2)."""
     from raysft.workers.mesh import global_mesh, param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.loading import load_params
     from raysft.workers.models.runtime import ModelRuntime
 
-    model_dir = save_tiny_model(tmp_path, vocab_size=96)  # tp=2 splits the vocabulary
+    model_dir = save_tiny_model(tmp_path, vocab_size=96)  # which tp=2 splits
     single = rs.AutoModelForCausalLM.from_pretrained(model_dir)
-    mesh = global_mesh(*dims)
+    mesh = global_mesh(1, 2, 2, 1)  # parameters split over fsdp and tp
     layout = build_layout(ModelConfig.from_file(model_dir / "config.json"), np.float32, np.float32, ModelRuntime(mesh=mesh))
     params, _ = load_params(model_dir, layout, lambda name, shape: param_sharding(mesh, name, shape))
     assert any(not p.sharding.is_fully_replicated for p in params.values())
     rng = np.random.default_rng(2)
     sampling = SamplingParams(max_new_tokens=10, temperature=0.9, seed=4)
-    for count in (4, 3):
+    for count in (4, 2):
         prompts = [rng.integers(1, 96, size=n).tolist() for n in (3, 11, 7, 20)[:count]]
         expected = Sampler(single.layout, [], 512).generate(single.params, prompts, sampling)
         assert Sampler(layout, [], 512, mesh=mesh).generate(params, prompts, sampling) == expected

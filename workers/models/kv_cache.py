@@ -38,6 +38,7 @@ def forward_cached(model: LlamaForCausalLM, ids_BxT: jax.Array, cache: KVCache, 
     slots_T = index + jnp.arange(t)
     positions_BxT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)
     cos_BxTxK, sin_BxTxK = rope_cos_sin(positions_BxT, jnp.asarray(model.config.rope_inverse_frequencies()), model.dtype)
+    prefill = isinstance(index, int) and index == 0
     key_slots_S = jnp.arange(length)
     distance_TxS = slots_T[:, None] - key_slots_S[None, :]
     visible_BxTxS = (distance_TxS >= 0)[None] & (key_slots_S[None, None, :] >= cache.start_B[:, None, None])
@@ -49,9 +50,12 @@ def forward_cached(model: LlamaForCausalLM, ids_BxT: jax.Array, cache: KVCache, 
         new_slots = (i, 0, 0, index, 0)
         k_LxBxGxSxK = jax.lax.dynamic_update_slice(k_LxBxGxSxK, _heads_first(k_new, k_LxBxGxSxK.dtype), new_slots)
         v_LxBxGxSxK = jax.lax.dynamic_update_slice(v_LxBxGxSxK, _heads_first(v_new, v_LxBxGxSxK.dtype), new_slots)
-        k_BxGxSxK = jax.lax.dynamic_index_in_dim(k_LxBxGxSxK, i, keepdims=False).astype(q_BxTxHxK.dtype)
-        v_BxGxSxK = jax.lax.dynamic_index_in_dim(v_LxBxGxSxK, i, keepdims=False).astype(q_BxTxHxK.dtype)
-        mask_BxTxS = visible_BxTxS & (distance_TxS < window)[None]
+        if prefill:  # the cache holds nothing else yet: attend to the new keys alone
+            k_BxGxSxK, v_BxGxSxK = _heads_first(k_new, q_BxTxHxK.dtype)[0], _heads_first(v_new, q_BxTxHxK.dtype)[0]
+        else:
+            k_BxGxSxK = jax.lax.dynamic_index_in_dim(k_LxBxGxSxK, i, keepdims=False).astype(q_BxTxHxK.dtype)
+            v_BxGxSxK = jax.lax.dynamic_index_in_dim(v_LxBxGxSxK, i, keepdims=False).astype(q_BxTxHxK.dtype)
+        mask_BxTxS = (visible_BxTxS & (distance_TxS < window)[None])[:, :, : k_BxGxSxK.shape[2]]
         attended_BxTxHxK = _cached_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS)
         return layer.feed_forward(x_BxTxD + layer.self_attn.out(attended_BxTxHxK)), k_LxBxGxSxK, v_LxBxGxSxK
 

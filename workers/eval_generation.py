@@ -8,8 +8,7 @@ import time
 
 import jax
 
-from raysft.data.locations import local_copy
-from raysft.workers.sampler import Placement, SamplingParams
+from raysft.workers.sampler import SamplingParams
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
 from raysft.workers.text_generation import TextGenerator, exact_match
@@ -18,7 +17,6 @@ from raysft.workers.text_generation import TextGenerator, exact_match
 @dataclasses.dataclass
 class EvalGenerations:
     generator: TextGenerator
-    placement: Placement
     prompts: list[dict]
     sampling: SamplingParams
 
@@ -26,25 +24,18 @@ class EvalGenerations:
     def build(cls, spec: TrainSpec, model: ShardedModel) -> "EvalGenerations | None":
         if not spec.eval_prompts:
             return None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir))
-        placement = Placement.choose(model.mesh, model.layout.nbytes)
-        generator = TextGenerator(
-            model.layout, tokenizer, model.model_dir, model.hf_config.get("max_position_embeddings", 1 << 20),
-            placement.mesh, spec.chat_template_kwargs, spec.add_special_tokens,
-        )
+        generator = TextGenerator.for_model(model, spec)
         sampling = SamplingParams(
             spec.generation_max_new_tokens, spec.generation_temperature, spec.generation_top_k,
             spec.generation_top_p, spec.seed,
         )
-        return cls(generator, placement, spec.eval_prompts, sampling)
+        return cls(generator, spec.eval_prompts, sampling)
 
     def run(self, params: dict[str, jax.Array], step: int) -> dict:
         """The `generations` record of this step: a sample per prompt and, where the
         prompts have references, `exact_match` (the fraction answered exactly)."""
         started = time.perf_counter()
-        answers = self.generator.generate(self.placement.place(params), self.prompts, self.sampling)
+        answers = self.generator.generate(self.generator.placement.place(params), self.prompts, self.sampling)
         samples = []
         for prompt, answer in zip(self.prompts, answers):
             sample = {"source": prompt.get("source", ""), "prompt": shown_prompt(prompt), "answer": answer}

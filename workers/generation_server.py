@@ -11,12 +11,8 @@ class GenerationServer:
         """`spec_fields`: the model, its tokenizer and how it computes (a run's settings for
         a run directory); `step`: the checkpoint of `spec.checkpoint_dir` to load, or None
         for the model's own weights. The mesh is this host's devices."""
-        from transformers import AutoTokenizer
-
-        from raysft.data.locations import local_copy
         from raysft.workers.checkpoint import Checkpoints
         from raysft.workers.models.loading import load_params
-        from raysft.workers.sampler import Placement
         from raysft.workers.sharded_model import ShardedModel
         from raysft.workers.text_generation import TextGenerator
 
@@ -28,13 +24,8 @@ class GenerationServer:
             checkpoints = Checkpoints(spec.checkpoint_dir, keep=None)
             self.params = checkpoints.restore_params(step, model.abstract_params())
             checkpoints.close()
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir))
-        placement = Placement.choose(model.mesh, model.layout.nbytes)
-        self.params = placement.place(self.params)
-        self.generator = TextGenerator(
-            model.layout, tokenizer, model.model_dir, model.hf_config.get("max_position_embeddings", 1 << 20),
-            placement.mesh, spec.chat_template_kwargs, spec.add_special_tokens,
-        )
+        self.generator = TextGenerator.for_model(model, spec)
+        self.params = self.generator.placement.place(self.params)
 
     def generate(self, prompts: list, sampling: dict, stop_strings: list[str], truncate: bool = False) -> dict:
         """{"answers": one per prompt, "warnings": what to tell the user}."""

@@ -17,7 +17,10 @@ from typing import Any, Sequence
 import jax
 
 from raysft.workers.models.params import ParamLayout
-from raysft.workers.sampler import PromptTooLong, Sampler, SamplingParams
+from raysft.data.locations import local_copy
+from raysft.workers.sampler import Placement, Sampler, SamplingParams
+from raysft.workers.sharded_model import ShardedModel
+from raysft.workers.spec import TrainSpec
 
 _END_OF_TURN = re.compile(r"end|eot|eos", re.IGNORECASE)
 
@@ -67,6 +70,21 @@ def exact_match(answer: str, reference: str) -> bool:
 
 
 class TextGenerator:
+    @classmethod
+    def for_model(cls, model: ShardedModel, spec: TrainSpec) -> "TextGenerator":
+        """A generator of `model` with the run's tokenizer and template settings, decoding
+        where `placement` puts it (`placement.place(params)` before `generate`)."""
+        from transformers import AutoTokenizer
+
+        placement = Placement.choose(model.mesh, model.layout.nbytes)
+        generator = cls(
+            model.layout, AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir)), model.model_dir,
+            model.hf_config.get("max_position_embeddings", 1 << 20), placement.mesh, spec.chat_template_kwargs,
+            spec.add_special_tokens,
+        )
+        generator.placement = placement
+        return generator
+
     def __init__(
         self,
         layout: ParamLayout,
@@ -79,6 +97,7 @@ class TextGenerator:
     ):
         self.tokenizer = tokenizer
         self.template_kwargs, self.add_special_tokens = template_kwargs, add_special_tokens
+        self.placement = Placement(mesh, replicate=False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.sampler = Sampler(layout, stop_token_ids(tokenizer, model_dir), max_length, pad, mesh)
 
@@ -86,14 +105,12 @@ class TextGenerator:
         return prompt_ids(as_prompt(prompt, self.tokenizer), self.tokenizer, self.template_kwargs, self.add_special_tokens)
 
     def encode_all(self, prompts: Sequence[str | dict[str, Any]], truncate: bool = False) -> tuple[list[list[int]], list[str]]:
-        """Token ids of each prompt; one over the model's context is an error, or with
-        `truncate` keeps its last tokens (and a warning says so)."""
+        """Token ids of each prompt; with `truncate`, one over the model's context keeps
+        its last tokens (and a warning says so), else the sampler refuses it."""
         limit, encoded, warnings = self.sampler.max_length, [], []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
-            if len(ids) > limit:
-                if not truncate:
-                    raise PromptTooLong(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}")
+            if truncate and len(ids) > limit:
                 warnings.append(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}: "
                                 f"its first {len(ids) - limit} tokens were cut")
                 ids = ids[-limit:]

@@ -121,7 +121,7 @@ def prepare_dataset(
     try:
         encoded = [
             _encode(src, fmt, docs_dir, tokenizer_dir, settings, formatting_func, batch_size, num_proc, label_selector,
-                    env, timeout_s)
+                    env, timeout_s, report)
             for src, fmt in zip(srcs, formats)
         ]
         if fingerprint is None:
@@ -139,7 +139,7 @@ def prepare_dataset(
         with _bar(placements.num_rows, "writing rows", report) as bar:
             shard_sizes = write_row_shards(
                 placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar else None, timeout_s=timeout_s, name=stats["source"], env=env,
+                progress=bar.update if bar is not None else None, timeout_s=timeout_s, name=stats["source"], env=env,
             )
         stats.update(
             fingerprint=fingerprint, rows=placements.num_rows, seq_len=settings.seq_len,
@@ -178,7 +178,8 @@ def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func
 
 
 def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, settings: DataSettings, formatting_func,
-            batch_size: int, num_proc: int | None, label_selector, env: dict, timeout_s: float) -> tuple[Documents, dict]:
+            batch_size: int, num_proc: int | None, label_selector, env: dict, timeout_s: float,
+            report) -> tuple[Documents, dict]:
     """One source's documents, encoded by Ray Data tasks into `docs_dir`, and its stats."""
     # Same documents in the same order on every run (the packing plan depends on it):
     # sources with row numbers are put in order by the driver, the others by Ray Data,
@@ -197,7 +198,8 @@ def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, 
         num_cpus=1,
         runtime_env={"env_vars": env} if env else None,
     )
-    docs, stats = _collect(encoded, src.name, timeout_s)
+    with _bar(None, f"encoding {src.name}", report) as bar:
+        docs, stats = _collect(encoded, src.name, timeout_s, bar)
     stats["format"] = fmt
     return docs, stats
 
@@ -267,17 +269,17 @@ def _reuse(store_dir: epath.Path, report) -> RowStore:
 
 
 @contextlib.contextmanager
-def _bar(total: int, what: str, report):
+def _bar(total: int | None, what: str, report):
     if report is None:
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=what, unit="rows", leave=False) as bar:
+    with tqdm(total=total, desc=what, unit="rows", leave=False, disable=None) as bar:  # on a terminal only
         yield bar
 
 
-def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
+def _collect(encoded, name: str, timeout_s: float, bar) -> tuple[Documents, dict]:
     """The documents' lengths and places, in dataset order, and the stats, from the
     encoding tasks' small records (no token passes through here)."""
     keys, lengths, shards, offsets, trained = [], [], [], [], []
@@ -290,7 +292,10 @@ def _collect(encoded, name: str, timeout_s: float) -> tuple[Documents, dict]:
             batches = encoded.iter_batches(batch_size=None, batch_format="numpy")
             for batch in until_stalled(batches, timeout_s, name, "reading and encoding"):
                 kept = batch["dropped"] == ""
-                totals["rows_read"] += int((batch["piece"] == 0).sum())
+                rows = int((batch["piece"] == 0).sum())
+                totals["rows_read"] += rows
+                if bar is not None:
+                    bar.update(rows)
                 totals["truncated_tokens"] += int(batch["truncated_tokens"].sum())
                 totals["dropped_turns"] += int(batch["dropped_turns"].sum())
                 totals["supervised_tokens"] += float(batch["trained"].sum())

@@ -7,6 +7,7 @@ pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, ValidationError
@@ -15,7 +16,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from raysft.orchestrator.config import DType, SFTConfig, read_yaml
 
 # What to run on, and how to show it: flags, or keys of the --config file; not SFTConfig fields.
-_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "show", "estimate", "search")
+_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "verbose", "show", "estimate", "search")
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -39,6 +40,8 @@ class SFTCommand(BaseSettings, SFTConfig):
         None, description='Held-out data, evaluated before and after; {"name": path, ...} evaluates each source.'
     )
     quiet: bool = Field(False, description="For logs: no progress bar or per-step lines; evals, epochs, restarts still shown.")
+    verbose: bool = Field(False, description="Ray's own output (Ray Data, Ray Train, Gloo, its workers) on the console too; "
+                          "else it goes to <save_directory>/<model_name>/logs/ray.log.")
 
     required: ClassVar[tuple[str, ...]] = ("repo_id", "dataset_name")
 
@@ -86,6 +89,8 @@ class ExportCommand(BaseSettings):
     step: int | None = Field(None, ge=0, description="Checkpoint step (default: the latest).")
     output_dir: str | None = Field(None, description="Where to write (default: run_dir/export-step-N).")
     export_dtype: DType | None = Field(None, description="Weights' dtype (default: the run's export_dtype).")
+    verbose: bool = Field(False, description="Ray's own output on the console too; else it goes to the run "
+                          "directory's logs/ray.log.")
 
 
 class ChatCommand(BaseSettings):
@@ -108,6 +113,8 @@ class ChatCommand(BaseSettings):
     resources: dict[str, float] | None = Field(
         None, description="Ray resources of the model's actor (default {'CPU': 1}), e.g. {'TPU': 4} or {'GPU': 1}."
     )
+    verbose: bool = Field(False, description="Ray's own output on the console too; else it goes to the run "
+                          "directory's logs/ray.log (or $RAYSFT_CACHE/logs/ray.log for a model).")
 
     def sampling(self):
         from raysft.workers.sampler import SamplingParams
@@ -140,9 +147,20 @@ def accept_bare_bool_flags(argv: list[str], command: type[BaseSettings] = SFTCom
     return out
 
 
+def _ray_logs(model_or_run_dir: str, verbose: bool):
+    """Ray's output to a local run directory's logs/, else to the cache's."""
+    from raysft.data.locations import default_cache_dir, is_object_storage
+    from raysft.orchestrator.ray_logs import ray_logs_to
+    from raysft.orchestrator.run_record import RUN_FILE
+
+    run_dir = Path(model_or_run_dir)
+    local_run = not is_object_storage(model_or_run_dir) and (run_dir / RUN_FILE).is_file()
+    return ray_logs_to((run_dir if local_run else default_cache_dir()) / "logs", verbose)
+
+
 def _one_line_errors(prog: str, run) -> int:
     """Bad config: the pydantic report, exit 2; bad model or data: one line, exit 2;
-    a failed training or export: one line, exit 1."""
+    a failed training or export: one line (and where Ray's own log lines are), exit 1."""
     from raysft.orchestrator.export import ExportFailed
     from raysft.orchestrator.trainer import TrainingFailed
 
@@ -155,7 +173,7 @@ def _one_line_errors(prog: str, run) -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except (TrainingFailed, ExportFailed) as err:
-        print(f"{prog}: failed: {err}", file=sys.stderr)
+        print(f"{prog}: failed: {err}", *getattr(err, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
 
 
@@ -168,6 +186,7 @@ def _trainer(config: SFTConfig, launch: dict):
         train_dataset=launch["dataset_name"],
         eval_dataset=launch["eval_dataset_name"],
         quiet=launch["quiet"],
+        verbose=launch["verbose"],
     )
 
 
@@ -226,8 +245,10 @@ def run_export(argv: list[str]) -> int:
     def run() -> int:
         from raysft.orchestrator.export import export_checkpoint
 
-        command = CliApp.run(ExportCommand, cli_args=argv)
-        print(f"exported: {export_checkpoint(command.run_dir, command.step, command.output_dir, command.export_dtype)}")
+        command = CliApp.run(ExportCommand, cli_args=accept_bare_bool_flags(argv, ExportCommand))
+        with _ray_logs(command.run_dir, command.verbose):
+            exported = export_checkpoint(command.run_dir, command.step, command.output_dir, command.export_dtype)
+        print(f"exported: {exported}")
         return 0
 
     return _one_line_errors("raysft export", run)
@@ -275,9 +296,10 @@ def run_generate(argv: list[str]) -> int:
 
         command = CliApp.run(GenerateCommand, cli_args=accept_bare_bool_flags(argv, GenerateCommand))
         sampling, prompts = command.sampling(), read_prompts(command)
-        generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
-        warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
-        answers = generator.generate(prompts, sampling, command.stop, command.truncate, warn=warn)
+        with _ray_logs(command.model, command.verbose):
+            generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
+            warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+            answers = generator.generate(prompts, sampling, command.stop, command.truncate, warn=warn)
         if command.prompt is not None:
             print(answers[0])
         else:
@@ -294,10 +316,11 @@ def run_chat(argv: list[str]) -> int:
 
         command = CliApp.run(ChatCommand, cli_args=accept_bare_bool_flags(argv, ChatCommand))
         sampling = command.sampling()
-        generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
-        if not generator.has_chat_template():
-            raise ValueError(f"{command.model}: the tokenizer has no chat template to chat with; use raysft generate --raw")
-        chat(generator, sampling, command.stop, command.system)
+        with _ray_logs(command.model, command.verbose):
+            generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
+            if not generator.has_chat_template():
+                raise ValueError(f"{command.model}: the tokenizer has no chat template to chat with; use raysft generate --raw")
+            chat(generator, sampling, command.stop, command.system)
         return 0
 
     return _one_line_errors("raysft chat", run)

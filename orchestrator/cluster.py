@@ -4,13 +4,25 @@ with `ray start`, or else an embedded local one."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import ray
 
+from raysft.orchestrator import ray_logs
+
 
 def connect(num_hosts: int) -> None:
-    if ray.is_initialized():
-        return
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        # Starting Ray launches its processes with fork and exec, which JAX (when the
+        # driver has imported it) warns about as if the child went on running Python.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)
+            _connect(num_hosts)
+    ray_logs.after_connect(connected_here)
+
+
+def _connect(num_hosts: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # under `ray job submit` or against a running cluster
         return

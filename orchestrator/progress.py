@@ -68,7 +68,9 @@ class ProgressReporter:
             if self._bar is not None:  # a restarted attempt
                 self._bar.close()
             if not self.quiet:
-                self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step")
+                # A bar on a terminal only: piped into a log, its redraws are noise.
+                self._bar = tqdm(total=record["total_steps"], initial=record["start_step"], desc="train", unit="step",
+                                 disable=None)
             resumed = f"resumed at step {record['start_step']}" if record["start_step"] else "from step 0"
             eval_part = f", eval loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""
             if record.get("exact_match") is not None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from etils import epath
@@ -21,6 +22,7 @@ from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.progress import ProgressReporter
+from raysft.orchestrator.ray_logs import ray_logs_to
 from raysft.orchestrator.report import write_report
 from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.orchestrator.run_record import RunRecord
@@ -59,6 +61,7 @@ class SFTTrainer:
         processing_class: Any = None,
         formatting_func: Any = None,
         quiet: bool = False,
+        verbose: bool = False,
     ):
         """`model`: a Hugging Face directory (on storage every host sees), a `.gguf` file, a
         hub id, an `s3://`/`gs://` URI, or a `CausalLM` from `from_pretrained`. The driver
@@ -66,7 +69,9 @@ class SFTTrainer:
         cache and reads only its shards.
         `processing_class`: the tokenizer (default: the model directory's).
         `formatting_func(row) -> str`: the text to train on, for rows of any shape.
-        `quiet`: for logs: no progress bar or per-step lines (evals, epochs, restarts stay)."""
+        `quiet`: for logs: no progress bar or per-step lines (evals, epochs, restarts stay).
+        `verbose`: Ray's own output (its workers', Ray Data's, Gloo's) on the console too;
+        by default it goes to `run_dir/logs/ray.log`."""
         if isinstance(model, CausalLM):
             # `from_pretrained(..., dtype=jnp.bfloat16)` means training in bf16, as in the
             # seed's examples, unless the config says otherwise.
@@ -87,6 +92,18 @@ class SFTTrainer:
         self.tokenizer = processing_class
         self.formatting_func = formatting_func
         self.quiet = quiet
+        self.verbose = verbose
+
+    @contextlib.contextmanager
+    def _ray_logs(self) -> Iterator[None]:
+        """Ray's own output to run_dir/logs/ray.log (sent there at the end on object storage)."""
+        run_dir = self.args.run_dir
+        with ray_logs_to(staging_dir(run_dir / "logs"), self.verbose) as log_file:
+            try:
+                yield
+            finally:
+                if log_file and is_object_storage(run_dir):
+                    upload(log_file.parent, run_dir / "logs")
 
     def _load_tokenizer(self):
         if self.tokenizer is None:
@@ -109,8 +126,13 @@ class SFTTrainer:
         `train_dataset` may be a mixture (`data.mixture`), mixed by the config's seed and
         `mixture_stopping`; an `eval_dataset` dict is evaluated source by source."""
         args = self.args
+        make_dir(args.run_dir)
+        with self._ray_logs():
+            return self._prepare_data()
+
+    def _prepare_data(self):
+        args = self.args
         run_dir = args.run_dir
-        make_dir(run_dir)
         tokenizer_dir = self._save_tokenizer(run_dir / "tokenizer")
         connect(args.hosts)
         tpu = args.tpu_slice
@@ -203,11 +225,15 @@ class SFTTrainer:
         print(f"plan: the train step {result.verdict()} ({result.compiled.train.compile_s:.0f} s to compile here)")
 
     def train(self) -> TrainOutput:
+        if self.args.backend == "tpu" and self.args.plan_before_training:
+            self.check_fits()
+        marker = write_marker(self.args.run_dir)  # first: an unwritable save_directory is one line, before Ray starts
+        with self._ray_logs():
+            return self._train(marker)
+
+    def _train(self, marker: tuple[str, str]) -> TrainOutput:
         args = self.args
         run_dir = args.run_dir
-        if args.backend == "tpu" and args.plan_before_training:
-            self.check_fits()
-        marker = write_marker(run_dir)  # first: an unwritable save_directory is one line, before Ray starts
         connect(args.hosts)
         check_every_node(marker, str(self.model))
         tokenizer_dir, train_store, eval_stores = self.prepare_data()

@@ -6,6 +6,7 @@ import importlib.util
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+from ray._private import ray_constants  # noqa: E402
+
+# The session's embedded Ray would forward its processes' lines (a raylet's warning that
+# the disk is nearly full, Gloo's) into whichever test captures stderr at that moment;
+# the console tests run raysft in processes of their own.
+ray_constants.RAY_LOG_TO_DRIVER = False
+
+# Ray's own lines on a console: its processes' tags, the raylet's, Gloo's, its C++ and
+# Python log lines, Ray Data's.
+RAY_LINES = re.compile(r"pid=|\(raylet\)|Gloo|core_worker|\bINFO\b|\bWARNING\b|Ray instance|Ray cluster|Dataset dataset_")
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

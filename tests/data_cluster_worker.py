@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _finished_tasks(writes: int, timeout_s: float = 60):
+    """The state API hears of finished tasks from the nodes' reports, late on a loaded
+    machine: wait until it knows of every row write."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = list_tasks(limit=10000, filters=[("state", "=", "FINISHED")])
+        if sum(t.name == "_write_shard" for t in tasks) >= writes or time.monotonic() > deadline:
+            return tasks
+        time.sleep(1)
+
+
 def main(nodes: int, data: str, tokenizer_dir: str, store_root: str, tpu_hosts: int = 0) -> None:
     cluster = Cluster(
         initialize_head=True,  # the head has no CPUs: the work goes to the worker nodes
@@ -42,8 +53,7 @@ def main(nodes: int, data: str, tokenizer_dir: str, store_root: str, tpu_hosts: 
     try:
         store = prepare_dataset(Path(data), Path(tokenizer_dir), DataSettings(seq_len=32, packing=True),
                                 Path(store_root), report=None, shard_rows=4, label_selector=off_tpu_hosts())
-        time.sleep(2)  # the state API learns of finished tasks from the nodes' reports
-        tasks = list_tasks(limit=10000)
+        tasks = _finished_tasks(len(store.meta["shard_rows"]))
         writers = {t.node_id for t in tasks if t.name == "_write_shard"}
         readers = {t.node_id for t in tasks if t.name.startswith("Read")}
         encoders = {a.node_id for a in list_actors(limit=1000) if "EncodeRows" in a.class_name}

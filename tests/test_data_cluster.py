@@ -36,12 +36,14 @@ def _prepare_on_cluster(nodes: int, data: Path, tokenizer_dir: Path, root: Path,
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_two_nodes_encode_and_write_rows_and_give_the_store_one_node_gives(tmp_path, tokenizer_dir):
-    """Two CPU nodes next to a v4-16 slice's two hosts: the CPU nodes do all the data work."""
+def test_two_nodes_encode_and_write_rows_and_give_the_store_one_node_gives(local_ray, tmp_path, tokenizer_dir):
+    """Two CPU nodes next to a v4-16 slice's two hosts: the CPU nodes do all the data work,
+    and the store is the one the session's single-node Ray prepares."""
     rows = [{"text": " ".join(CORPUS[i % 6 : i % 6 + 1 + i % 3])} for i in range(60)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     two = _prepare_on_cluster(2, data, tokenizer_dir, tmp_path / "two", tpu_hosts=2)
-    one = _prepare_on_cluster(1, data, tokenizer_dir, tmp_path / "one")
+    one = {"store": prepare_dataset(data, tokenizer_dir, DataSettings(seq_len=32, packing=True), tmp_path / "one",
+                                    report=None, shard_rows=4).path}
     assert two["shards"] >= 4
     assert set(two["encoder_nodes"]) == set(two["worker_nodes"]), two  # both CPU nodes encoded
     assert set(two["row_writer_nodes"]) == set(two["worker_nodes"]), two  # both wrote row shards

@@ -85,7 +85,7 @@ def test_killed_node_resumes_from_latest_step_bit_identical(scenarios):
 
 def test_run_on_object_storage_keeps_everything_in_the_bucket(scenarios):
     """save_directory=s3://... on a real S3-compatible server: checkpoints (orbax), data,
-    tokenizer, run record, summary, report and export all go to the bucket (the killed
+    tokenizer, run record, summary, report, Ray's log and export all go to the bucket (the killed
     node above resumed from the checkpoint there); each node reads what it needs into its
     own cache."""
     killed = scenarios["node_killed_s3"]
@@ -93,7 +93,7 @@ def test_run_on_object_storage_keeps_everything_in_the_bucket(scenarios):
     assert killed["run_dir"] == "s3://raysft-runs/runs/node_killed_s3/fault"
     files = [f.removeprefix("runs/node_killed_s3/fault/") for f in killed["bucket_files"]]
     for expected in ("run.json", "summary.json", "report/metrics.jsonl", "report/loss.png", "tokenizer/tokenizer.json",
-                     "export/model.safetensors", "export/config.json", "export/tokenizer.json"):
+                     "export/model.safetensors", "export/config.json", "export/tokenizer.json", "logs/ray.log"):
         assert expected in files, expected
     stores = {f.split("/")[1] for f in files if f.startswith("data/")}
     assert all(f"data/{s}/meta.json" in files for s in stores) and len(stores) == 1

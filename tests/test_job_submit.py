@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, free_port, write_jsonl
+from conftest import CORPUS, RAY_LINES, free_port, write_jsonl
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
@@ -113,6 +113,10 @@ def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
     assert client.get_job_status("raysft-test") == JobStatus.SUCCEEDED
     logs = client.get_job_logs("raysft-test")
     assert "step     3" in logs and "exported:" in logs
+    # After Ray Jobs' own lines, the driver's: raysft's only (Ray's are in the run's logs/).
+    driver = logs.split("Running entrypoint for job raysft-test: ", 1)[1]
+    assert not RAY_LINES.search(driver), logs
+    assert "Connected to Ray cluster" in (runs / "job" / "logs" / "ray.log").read_text()
     run_dir = runs / "job"
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
     assert (run_dir / "export" / "config.json").is_file() and list((run_dir / "export").glob("*.safetensors"))

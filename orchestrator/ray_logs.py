@@ -53,7 +53,10 @@ class _Capture:
         file, and give Python's sys.stderr a descriptor of its own on the console."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        self.console_fd = os.dup(2)
+        try:
+            self.console_fd = os.dup(2)
+        except OSError:  # a process without descriptor 2 (a daemon): nothing to take
+            return
         try:
             python_on_fd2 = sys.stderr.fileno() == 2
         except (AttributeError, ValueError, io.UnsupportedOperation):
@@ -120,11 +123,12 @@ class _Capture:
             sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = self.data_bars_before
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        os.dup2(self.console_fd, 2)
-        if self.stderr_before is not None:
-            sys.stderr.close()
-            sys.stderr = self.stderr_before
-        os.close(self.console_fd)
+        if self.console_fd is not None:
+            os.dup2(self.console_fd, 2)
+            if self.stderr_before is not None:
+                sys.stderr.close()
+                sys.stderr = self.stderr_before
+            os.close(self.console_fd)
         if linger:
             _lingering = self
         else:

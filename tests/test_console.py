@@ -29,7 +29,8 @@ def test_a_run_prints_raysft_lines_only_and_keeps_rays_in_the_run_dir(tmp_path, 
     log = (tmp_path / "runs" / "quiet" / "logs" / "ray.log").read_text()
     # Nothing lost: the driver's Ray lines, Ray Data's, and the workers' own.
     assert "Started a local Ray instance" in log and "Execution plan of Dataset" in log, log
-    assert re.search(r"\(RayTrainWorker pid=\d+, ip=[\d.]+\) \[Gloo\] Rank \d is connected", log), log
+    # (a worker's two devices write their Gloo lines at once, interleaved)
+    assert re.search(r"\(RayTrainWorker pid=\d+, ip=[\d.]+\) \[Gloo\] Rank", log), log
 
 
 def test_bad_input_is_one_line_and_verbose_shows_rays_lines(tmp_path, tiny_model_dir):

@@ -76,14 +76,11 @@ class TextGenerator:
         where `placement` puts it (`placement.place(params)` before `generate`)."""
         from transformers import AutoTokenizer
 
-        placement = Placement.choose(model.mesh, model.layout.nbytes)
-        generator = cls(
+        return cls(
             model.layout, AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir)), model.model_dir,
-            model.hf_config.get("max_position_embeddings", 1 << 20), placement.mesh, spec.chat_template_kwargs,
-            spec.add_special_tokens,
+            model.hf_config.get("max_position_embeddings", 1 << 20), Placement.choose(model.mesh, model.layout.nbytes),
+            spec.chat_template_kwargs, spec.add_special_tokens,
         )
-        generator.placement = placement
-        return generator
 
     def __init__(
         self,
@@ -91,15 +88,16 @@ class TextGenerator:
         tokenizer,
         model_dir: Path | None,
         max_length: int,
-        mesh: jax.sharding.Mesh | None = None,
+        placement: Placement = Placement(None, replicate=False),
         template_kwargs: dict | None = None,
         add_special_tokens: bool = True,
     ):
+        """`placement`: where it decodes (the default: one device, the parameters as given)."""
         self.tokenizer = tokenizer
         self.template_kwargs, self.add_special_tokens = template_kwargs, add_special_tokens
-        self.placement = Placement(mesh, replicate=False)
+        self.placement = placement
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-        self.sampler = Sampler(layout, stop_token_ids(tokenizer, model_dir), max_length, pad, mesh)
+        self.sampler = Sampler(layout, stop_token_ids(tokenizer, model_dir), max_length, pad, placement.mesh)
 
     def encode(self, prompt: str | dict[str, Any]) -> list[int]:
         return prompt_ids(as_prompt(prompt, self.tokenizer), self.tokenizer, self.template_kwargs, self.add_special_tokens)

@@ -83,7 +83,7 @@ def ours(s: Settings, input_ids) -> float:
     state = {"params": params, "opt": opt_state}
 
     def step():
-        state["params"], state["opt"], metrics = train_step(state["params"], state["opt"], batch)
+        state["params"], state["opt"], metrics = train_step(state["params"], state["opt"], batch, {}, 0)
         jax.block_until_ready(metrics["loss"])
 
     return time_steps(step, s.warmup_steps, s.steps)

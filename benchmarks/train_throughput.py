@@ -67,7 +67,7 @@ def run_raysft(s: Settings, batches) -> float:
         if i == s.warmup_steps:
             jax.block_until_ready(metrics)
             start = time.perf_counter()
-        params, opt_state, metrics = step(params, opt_state, batch)
+        params, opt_state, metrics = step(params, opt_state, batch, {}, 0)
     jax.block_until_ready(metrics)  # the only sync in the timed loop, as in training
     return time.perf_counter() - start
 

@@ -89,6 +89,8 @@ class ExportCommand(BaseSettings):
     step: int | None = Field(None, ge=0, description="Checkpoint step (default: the latest).")
     output_dir: str | None = Field(None, description="Where to write (default: run_dir/export-step-N).")
     export_dtype: DType | None = Field(None, description="Weights' dtype (default: the run's export_dtype).")
+    adapter_only: bool = Field(False, description="A LoRA run's adapter as a PEFT adapter directory (default "
+                               "run_dir/adapter-step-N) instead of the merged model.")
     verbose: bool = Field(False, description="Ray's own output on the console too; else it goes to the run "
                           "directory's logs/ray.log.")
 
@@ -247,7 +249,9 @@ def run_export(argv: list[str]) -> int:
 
         command = CliApp.run(ExportCommand, cli_args=accept_bare_bool_flags(argv, ExportCommand))
         with _ray_logs(command.run_dir, command.verbose):
-            exported = export_checkpoint(command.run_dir, command.step, command.output_dir, command.export_dtype)
+            exported = export_checkpoint(
+                command.run_dir, command.step, command.output_dir, command.export_dtype, command.adapter_only
+            )
         print(f"exported: {exported}")
         return 0
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import yaml
 from etils import epath
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raysft.data.locations import location
 from raysft.orchestrator.tpu import TpuSlice
@@ -34,6 +34,23 @@ class Optimizers(str, enum.Enum):
     LION = "lion"
     SGD = "sgd"
     RMSPROP = "rmsprop"
+
+
+class UnfreezeSchedule(BaseModel):
+    """The top `layers` decoder layers train from the start, `layers` more every
+    `every_steps` steps (or `every_epochs` epochs), each with fresh optimizer state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: int = Field(gt=0, description="Decoder layers unfrozen at each stage.")
+    every_steps: int | None = Field(None, gt=0, description="Steps between stages.")
+    every_epochs: int | None = Field(None, gt=0, description="Epochs between stages (at epoch boundaries).")
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> "UnfreezeSchedule":
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("unfreeze_schedule: set every_steps or every_epochs, one of them")
+        return self
 
 
 class SFTConfig(BaseModel):
@@ -124,6 +141,30 @@ class SFTConfig(BaseModel):
         1024, gt=0, description="Positions per cross-entropy chunk; full logits are never stored (None: no chunking)."
     )
     z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss, z_loss * mean(log Z^2).")
+
+    # LoRA and freezing
+    use_lora: bool = Field(False, description="Train LoRA adapters on a frozen base (exported merged, and as a PEFT adapter).")
+    lora_rank: int = Field(16, gt=0, description="Rank r of the LoRA adapters.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: adapters add (lora_alpha / lora_rank) * x A B.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' inputs while training.")
+    lora_target_modules: str | list[str] = Field(
+        "all-linear", description="Projections to adapt, as PEFT reads them: 'all-linear', a list of names "
+        "(q_proj, v_proj, ...), or one regular expression over full module names.",
+    )
+    lora_init_from: str | None = Field(
+        None, description="Start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors).",
+    )
+    trainable_parameters: list[str] | None = Field(
+        None, description="Regular expressions over Hugging Face parameter names: train only these (with LoRA: "
+        "these as well as the adapters).",
+    )
+    frozen_parameters: list[str] | None = Field(
+        None, description="Regular expressions over Hugging Face parameter names: never train these.",
+    )
+    unfreeze_schedule: UnfreezeSchedule | None = Field(
+        None, description="Gradual unfreezing from the top decoder layers down: {layers: N, every_steps: K} or "
+        "{layers: N, every_epochs: E}.",
+    )
 
     # Checkpoints, logging
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps.")
@@ -243,6 +284,14 @@ class SFTConfig(BaseModel):
                 )
         elif self.num_slices != 1:
             raise ValueError("num_slices > 1 needs a TPU slice: set tpu_type")
+        if self.unfreeze_schedule and self.scan_layers:
+            raise ValueError(
+                "unfreeze_schedule unfreezes decoder layers one by one, and scan_layers holds them all in one array; "
+                "set scan_layers false"
+            )
+        lora_fields = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init_from"}
+        if not self.use_lora and lora_fields & self.model_fields_set:
+            raise ValueError(f"{', '.join(sorted(lora_fields & self.model_fields_set))} set but use_lora is false")
         check_dims(self.sharding_axis_dims)
         if self.backend == "cpu":  # the device count is known here: check the mesh now
             try:
@@ -259,6 +308,14 @@ class SFTConfig(BaseModel):
                     f"{self.gradient_accumulation_steps}"
                 )
         return self
+
+    @field_validator("lora_init_from")
+    @classmethod
+    def _absolute_adapter_path(cls, value: str | None) -> str | None:
+        """Workers start elsewhere: a local adapter directory is named absolutely."""
+        if value is None or "://" in value:
+            return value
+        return str(Path(value).expanduser().absolute())
 
     @model_validator(mode="before")
     @classmethod

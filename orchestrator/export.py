@@ -52,9 +52,12 @@ def export_checkpoint(
     step: int | None = None,
     output_dir: str | os.PathLike | None = None,
     export_dtype: DType | None = None,
+    adapter_only: bool = False,
 ) -> epath.Path:
     """Write checkpoint `step` (default: the latest) of `run_dir` as safetensors, config,
-    generation config and tokenizer files to `output_dir` (default `run_dir/export-step-N`).
+    generation config and tokenizer files to `output_dir` (default `run_dir/export-step-N`),
+    a LoRA run's adapters merged in; with `adapter_only`, the adapters as a PEFT adapter
+    directory (default `run_dir/adapter-step-N`).
 
     Runs on the run's own worker group (the same hosts, mesh and shardings as training),
     so a model too large for one host exports as it trained."""
@@ -62,9 +65,11 @@ def export_checkpoint(
 
     run_dir = location(run_dir)
     record = RunRecord.read(run_dir)
-    step = complete_step(run_dir, step)
-    output = location(output_dir) if output_dir else run_dir / f"export-step-{step}"
     config = record.config
+    if adapter_only and not config.use_lora:
+        raise ValueError(f"{run_dir} trained without LoRA (use_lora false): it has no adapter to export")
+    step = complete_step(run_dir, step)
+    output = location(output_dir) if output_dir else run_dir / f"{'adapter' if adapter_only else 'export'}-step-{step}"
     if export_dtype:
         config = config.model_copy(update={"export_dtype": export_dtype})
     connect(config.hosts)
@@ -81,7 +86,10 @@ def export_checkpoint(
         summary_file=None,
         storage_marker=marker,
     )
-    group = worker_group(config, export_loop_per_worker, {"spec": spec.as_dict(), "step": step}, run_dir, "export")
+    group = worker_group(
+        config, export_loop_per_worker, {"spec": spec.as_dict(), "step": step, "adapter_only": adapter_only}, run_dir,
+        "export",
+    )
     try:
         group.fit()
     except TrainingFailedError as err:

@@ -75,7 +75,7 @@ class ProgressReporter:
             eval_part = f", eval loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""
             if record.get("exact_match") is not None:
                 eval_part += f", exact match {record['exact_match']:.3f}"
-            tqdm.write(f"training {resumed} of {record['total_steps']}{eval_part}")
+            tqdm.write(f"training {resumed} of {record['total_steps']}{eval_part}{_trained_share(record)}")
         elif event == "step" and self._bar is not None:
             tqdm.write(
                 f"step {record['step']:>5}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
@@ -106,6 +106,16 @@ class ProgressReporter:
             tqdm.write(f"{event}: {record['message']}")
         elif event == "preempted":
             tqdm.write(f"preemption notice: saved step {record['step']}; restarting")
+        elif event == "unfreeze":
+            tqdm.write(f"unfreezing at step {record['step']}:{_trained_share(record)[1:]}")
+
+
+def _trained_share(record: dict) -> str:
+    """`, training 1,234 of 5,678 parameters (21.7%)`, or "" where not reported."""
+    trained, total = record.get("trainable_parameters"), record.get("total_parameters")
+    if not total:
+        return ""
+    return f", training {trained:,} of {total:,} parameters ({trained / total:.1%})"
 
 
 def show_generations(record: dict, shown: int) -> str:

@@ -45,10 +45,11 @@ class TrainOutput:
     """What a finished `train()` produced; `summary` is also in `run_dir/summary.json`."""
 
     run_dir: epath.Path  # local, or an object-storage prefix
-    export_dir: epath.Path
+    export_dir: epath.Path  # the Hugging Face model (with LoRA: the adapters merged in)
     checkpoint_dir: epath.Path
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
+    adapter_dir: epath.Path | None = None  # with LoRA: the PEFT adapter directory
 
 
 class SFTTrainer:
@@ -257,6 +258,7 @@ class SFTTrainer:
                     eval_stores={name: str(store.path) for name, store in eval_stores.items()},
                     checkpoint_dir=str(run_dir / "checkpoints"),
                     export_dir=str(run_dir / "export"),
+                    adapter_dir=str(run_dir / "adapter") if args.use_lora else None,
                     summary_file=str(summary_file),
                     metrics_queue=progress.queue,
                     storage_marker=marker,
@@ -277,7 +279,8 @@ class SFTTrainer:
         if tracker:
             tracker.finish(summary)
         return TrainOutput(
-            run_dir, location(spec.export_dir), location(spec.checkpoint_dir), summary, progress.records
+            run_dir, location(spec.export_dir), location(spec.checkpoint_dir), summary, progress.records,
+            location(spec.adapter_dir) if spec.adapter_dir else None,
         )
 
     def _fit(self, spec: TrainSpec, run_dir: epath.Path, progress: ProgressReporter) -> None:

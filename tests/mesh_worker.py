@@ -64,7 +64,7 @@ def run(model_dir: Path, dims, accumulation: int = 1, devices=None, num_slices: 
         if i == 0:
             g, _ = gradient(params, batch)
             grads = {n: np.asarray(multihost_utils.process_allgather(x, tiled=True)) for n, x in g.items()}
-        params, opt_state, metrics = step(params, opt_state, batch)
+        params, opt_state, metrics = step(params, opt_state, batch, {}, 0)
         losses.append(float(metrics["loss"]))
     return losses, grads
 

@@ -105,7 +105,7 @@ def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1)):
     step = make_train_step(layout, optimizer, (p_shard, opt_shard), batch_sharding=batch_sharding(mesh))
     losses = []
     for s in range(steps):
-        params, opt_state, metrics = step(params, opt_state, uneven_batch(seed=s))
+        params, opt_state, metrics = step(params, opt_state, uneven_batch(seed=s), {}, s)
         losses.append(float(metrics["loss"]))
     return {n: np.asarray(p) for n, p in params.items()}, losses
 

@@ -52,7 +52,9 @@ class SavePolicy:
 
 
 class Checkpoints:
-    """Params and optimizer state per step, with the run's metadata next to them."""
+    """The trained parameters and their optimizer state per step, with the run's metadata
+    next to them (`meta["trained"]`: the names of the parameters saved; a frozen base is
+    not, it is read from the model again)."""
 
     def __init__(self, directory: str | Path, keep: int | None):
         atomicity = None
@@ -111,9 +113,13 @@ class Checkpoints:
         )
         return restored.state["params"], restored.state["opt_state"], meta
 
-    def restore_params(self, step: int, abstract_params) -> Any:
+    def restore_params(self, step: int, abstract_params: dict) -> dict:
         """Only the parameters of `step` (an export needs no optimizer state, which is
-        twice their size under AdamW)."""
+        twice their size under AdamW): those it trained (`meta["trained"]`), of
+        `abstract_params` by name."""
+        trained = self.meta(step).get("trained")
+        if trained is not None:
+            abstract_params = {name: abstract_params[name] for name in trained}
         target = {"params": abstract_params}
         restored = self.manager.restore(
             step,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from raysft.workers.programs import RunPrograms
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
+from raysft.workers.trainable import for_run
 
 # The TPU compiler turns an FSDP all-gather + matmul into a loop ("windowed einsum");
 # its cost model counts a loop body once, so time estimates are compiled without them.
@@ -108,10 +109,10 @@ class CompiledRun:
         cls, spec: TrainSpec, devices, total_steps: int = 1000, with_eval: bool = True, with_export: bool = True
     ) -> "CompiledRun":
         model = ShardedModel.build(spec, devices)
-        programs = RunPrograms.build(model, spec, total_steps)
+        programs = _programs(model, spec, total_steps)
         params, opt_state = model.abstract_params(), programs.abstract_opt_state()
         batch = programs.abstract_batch(spec.total_batch_size, spec.max_sequence_length)
-        compiled, memory = _compile_memory(programs.train_step.lower(params, opt_state, batch))
+        compiled, memory = _compile_memory(_lower_train_step(programs, batch))
         run = cls(
             programs, _shard_bytes(params), _shard_bytes(opt_state), _shard_bytes(batch), memory,
             compiled.as_text() if compiled is not None else "",
@@ -176,11 +177,8 @@ def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | N
     seconds, compile_s = [], 0.0
     for layers in (0, 1):
         model = ShardedModel.build(micro, devices, hf_overrides={"num_hidden_layers": layers, "layer_types": None})
-        programs = RunPrograms.build(model, micro, total_steps=1000)
-        lowered = programs.train_step.lower(
-            model.abstract_params(), programs.abstract_opt_state(),
-            programs.abstract_batch(micro.total_batch_size, micro.max_sequence_length),
-        )
+        programs = _programs(model, micro, total_steps=1000)
+        lowered = _lower_train_step(programs, programs.abstract_batch(micro.total_batch_size, micro.max_sequence_length))
         compiled, took = _compile(lowered, _NO_WINDOWED_EINSUM)
         compile_s += took
         seconds.append(float(_cost(compiled).get("optimal_seconds", float("nan"))))
@@ -190,6 +188,19 @@ def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | N
     step_s = spec.gradient_accumulation_steps * (base + num_layers * one_layer)
     tokens = spec.total_batch_size * spec.max_sequence_length
     return StepEstimate(step_s, tokens / step_s / len(devices), compile_s)
+
+
+def _programs(model: ShardedModel, spec: TrainSpec, total_steps: int) -> RunPrograms:
+    """The programs of the run's first stage: LoRA's adapters or what freezing leaves."""
+    trainable = for_run(spec, model.layout.shapes, model.config.num_hidden_layers, steps_per_epoch=1)
+    return RunPrograms.build(model, spec, total_steps, trainable.groups_at(0))
+
+
+def _lower_train_step(programs: RunPrograms, batch):
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return programs.train_step.lower(
+        programs.abstract_trained(), programs.abstract_opt_state(), batch, programs.abstract_frozen(), step
+    )
 
 
 def _cost(compiled) -> dict[str, Any]:

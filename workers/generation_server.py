@@ -12,17 +12,16 @@ class GenerationServer:
         a run directory); `step`: the checkpoint of `spec.checkpoint_dir` to load, or None
         for the model's own weights. The mesh is this host's devices."""
         from raysft.workers.checkpoint import Checkpoints
-        from raysft.workers.models.loading import load_params
         from raysft.workers.sharded_model import ShardedModel
         from raysft.workers.text_generation import TextGenerator
 
         spec = TrainSpec(**spec_fields)
         model = ShardedModel.build(spec)
         if step is None:
-            self.params, _ = load_params(model.model_dir, model.layout, lambda name, shape: model.shardings[name])
+            self.params, _ = model.initial_params(spec)
         else:
             checkpoints = Checkpoints(spec.checkpoint_dir, keep=None)
-            self.params = checkpoints.restore_params(step, model.abstract_params())
+            self.params = model.checkpoint_params(checkpoints, step, spec)
             checkpoints.close()
         self.generator = TextGenerator.for_model(model, spec)
         self.params = self.generator.placement.place(self.params)

@@ -86,6 +86,12 @@ def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
         return ("tp", "fsdp")
     if leaf == "bias" and module in _COLUMN:
         return ("tp",)
+    # LoRA's A [in, r] and B [r, out] split their in and out dims as the kernel does.
+    kernel = param_spec(name.rsplit(".", 1)[0] + ".kernel", ()) if leaf in ("lora_a", "lora_b") else None
+    if leaf == "lora_a":
+        return (kernel[0], None)
+    if leaf == "lora_b":
+        return (None, kernel[1])
     return (None,) * len(shape)  # norms, row-parallel biases: small, replicated
 
 

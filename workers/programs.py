@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from raysft.data.rows import ROW_FIELDS
 from raysft.workers.mesh import ShardingError, batch_sharding, optimizer_state_shardings
 from raysft.workers.models.export import layer_gather
+from raysft.workers.models.lora import is_adapter
 from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
@@ -26,16 +27,22 @@ from raysft.workers.step import make_eval_step, make_train_step
 @dataclasses.dataclass(frozen=True)
 class RunPrograms:
     model: ShardedModel
+    trained: tuple[str, ...]  # the parameters the train step differentiates and updates
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     batch_sharding: NamedSharding
     opt_shardings: Any
-    train_step: Callable  # (params, opt_state, batch) -> (params, opt_state, metrics)
-    eval_step: Callable  # (params, batch) -> sums
+    train_step: Callable  # (params, opt_state, batch, frozen, step) -> (params, opt_state, metrics)
+    eval_step: Callable  # (all params, batch) -> sums
 
     @classmethod
-    def build(cls, model: ShardedModel, spec: TrainSpec, total_steps: int) -> "RunPrograms":
-        """Checks that the batch and rows divide over the mesh, then builds the programs."""
+    def build(
+        cls, model: ShardedModel, spec: TrainSpec, total_steps: int,
+        groups: tuple[tuple[int, tuple[str, ...]], ...] | None = None,
+    ) -> "RunPrograms":
+        """Checks that the batch and rows divide over the mesh, then builds the programs.
+        `groups`: the stages of `workers.trainable` started so far (default: one stage of
+        every parameter)."""
         mesh = model.mesh
         batch, accumulation = spec.total_batch_size, spec.gradient_accumulation_steps
         batch_devices = mesh.shape["dp"] * mesh.shape["fsdp"]
@@ -48,20 +55,34 @@ class RunPrograms:
             raise ShardingError(
                 f"max_sequence_length {spec.max_sequence_length} is not divisible by sp={mesh.shape['sp']}"
             )
-        optimizer = build_optimizer(spec, total_steps)
-        abstract_opt = jax.eval_shape(optimizer.init, model.abstract_params())
+        groups = groups or ((0, tuple(model.layout.names)),)
+        trained = tuple(name for _, names in groups for name in names)
+        optimizer = build_optimizer(spec, total_steps, groups)
+        trained_shardings = {name: model.shardings[name] for name in trained}
+        frozen_shardings = {name: s for name, s in model.shardings.items() if name not in trained_shardings}
+        abstract_opt = jax.eval_shape(optimizer.init, {n: model.layout.shapes[n] for n in trained})
         opt_shardings = optimizer_state_shardings(abstract_opt, model.layout.shapes, model.shardings, mesh)
         rows = batch_sharding(mesh)
         train_step = make_train_step(
-            model.layout, optimizer, (model.shardings, opt_shardings), spec.loss_chunk_size, spec.z_loss,
-            accumulation, rows,
+            model.layout, optimizer, (trained_shardings, opt_shardings), spec.loss_chunk_size, spec.z_loss,
+            accumulation, rows, frozen_shardings, spec.seed if model.lora and model.lora.dropout else None,
         )
         eval_step = make_eval_step(model.layout, spec.loss_chunk_size, accumulation, rows, model.shardings)
-        return cls(model, optimizer, learning_rate_schedule(spec, total_steps), rows, opt_shardings, train_step, eval_step)
+        return cls(
+            model, trained, optimizer, learning_rate_schedule(spec, total_steps), rows, opt_shardings, train_step,
+            eval_step,
+        )
+
+    def abstract_trained(self) -> dict[str, jax.ShapeDtypeStruct]:
+        abstract = self.model.abstract_params()
+        return {name: abstract[name] for name in self.trained}
+
+    def abstract_frozen(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {name: a for name, a in self.model.abstract_params().items() if name not in self.trained}
 
     def abstract_opt_state(self):
         """Shapes, dtypes and shardings of the optimizer state (what orbax restores into)."""
-        abstract = jax.eval_shape(self.optimizer.init, self.model.abstract_params())
+        abstract = jax.eval_shape(self.optimizer.init, self.abstract_trained())
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.opt_shardings
         )
@@ -75,4 +96,8 @@ class RunPrograms:
     def export_gathers(self, dtype: str) -> dict[str, tuple[Callable, tuple]]:
         """The export's gather program for each parameter, with abstract arguments: one
         layer of a stacked parameter (or the whole of another) onto every device."""
-        return {name: layer_gather(name, abstract, dtype) for name, abstract in self.model.abstract_params().items()}
+        return {
+            name: layer_gather(name, abstract, dtype)
+            for name, abstract in self.model.abstract_params().items()
+            if not is_adapter(name)  # merged into their kernels
+        }

@@ -9,14 +9,15 @@ from typing import Any
 # Paths and handles the driver derives for this run; every other field is a config value.
 _RUN_FIELDS = {
     "model", "tokenizer_dir", "train_store", "eval_stores", "checkpoint_dir",
-    "export_dir", "summary_file", "metrics_queue", "storage_marker", "eval_prompts",
+    "export_dir", "adapter_dir", "summary_file", "metrics_queue", "storage_marker", "eval_prompts",
 }
 
 
 _TRAJECTORY_FIELDS = (
     "total_batch_size", "num_train_epochs", "max_training_steps", "learning_rate", "learning_rate_end",
     "scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay", "clip_grad", "seed", "dtype",
-    "param_dtype", "z_loss",
+    "param_dtype", "z_loss", "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "lora_init_from", "trainable_parameters", "frozen_parameters", "unfreeze_schedule",
 )
 
 
@@ -70,6 +71,16 @@ class TrainSpec:
     generation_temperature: float
     generation_top_k: int
     generation_top_p: float
+    use_lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    lora_init_from: str | None = None
+    trainable_parameters: list[str] | None = None
+    frozen_parameters: list[str] | None = None
+    unfreeze_schedule: dict | None = None  # {"layers": N, "every_steps": K} or {"layers": N, "every_epochs": E}
+    adapter_dir: str | None = None  # with LoRA: the PEFT adapter directory written at the end
     eval_prompts: list[dict] | None = None  # answered at every eval (`workers.text_generation` prompts)
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
     storage_marker: tuple[str, str] | None = None  # (path, token) the driver wrote into the run directory
@@ -82,7 +93,10 @@ class TrainSpec:
     @classmethod
     def from_config(cls, config: Any, **run_fields: Any) -> "TrainSpec":
         """The config's fields of the same names, plus this run's paths and handles."""
-        return cls(**run_fields, **{name: getattr(config, name) for name in cls.config_fields()})
+        values = {name: getattr(config, name) for name in cls.config_fields()}
+        # Nested settings travel as plain dicts: workers never import the driver's config.
+        values = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in values.items()}
+        return cls(**run_fields, **values)
 
     def as_dict(self) -> dict[str, Any]:
         """Shallow, so the queue handle travels as itself."""

@@ -10,12 +10,15 @@ import optax
 
 from raysft.workers.flops import attention_pairs
 from raysft.workers.loss import token_loss_sums
+from raysft.workers.models.lora import child_key
 from raysft.workers.models.params import ParamLayout
 
 
-def batch_sums(layout: ParamLayout, params, batch, chunk_size: int | None = None) -> dict[str, jax.Array]:
+def batch_sums(
+    layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None
+) -> dict[str, jax.Array]:
     model = layout.bind(params)
-    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key)
     mesh = model.runtime.mesh
     sequence_shards = mesh.shape["sp"] if mesh is not None else 1
     return token_loss_sums(
@@ -24,20 +27,21 @@ def batch_sums(layout: ParamLayout, params, batch, chunk_size: int | None = None
 
 
 def accumulate(fn: Callable, steps: int, batch_sharding=None) -> Callable:
-    """`fn(params, batch)` summed over `steps` micro-batches of `batch` in a `lax.scan`,
-    so only one micro-batch's activations are live at a time."""
+    """`fn(params, batch, index)` summed over `steps` micro-batches of `batch` (`index`
+    0, 1, ...) in a `lax.scan`, so only one micro-batch's activations are live at a time."""
     if steps == 1:
-        return fn
+        return lambda params, batch: fn(params, batch, 0)
 
     def summed(params, batch):
         micro = microbatches(batch, steps, batch_sharding)
-        zero = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro))
+        zero = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro), 0)
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
 
-        def one(carry, micro_batch):
-            return jax.tree.map(jnp.add, carry, fn(params, micro_batch)), None
+        def one(carry, xs):
+            micro_batch, index = xs
+            return jax.tree.map(jnp.add, carry, fn(params, micro_batch, index)), None
 
-        return jax.lax.scan(one, zero, micro)[0]
+        return jax.lax.scan(one, zero, (micro, jnp.arange(steps)))[0]
 
     return summed
 
@@ -64,7 +68,9 @@ def make_gradient_fn(
     gradient_accumulation_steps: int = 1,
     batch_sharding=None,
 ) -> Callable:
-    """`gradient(params, batch) -> (grads, sums)`: the gradient of the global-batch loss.
+    """`gradient(params, batch, frozen, dropout_key) -> (grads, sums)`: the gradient of
+    the global-batch loss with respect to `params`; `frozen` (the rest of the model's
+    parameters, by name) enters the model but is not differentiated.
 
     The loss is the sum of weighted token losses over the whole global batch (every
     micro-batch, every host's rows) divided once by the sum of their weights, so neither
@@ -72,13 +78,14 @@ def make_gradient_fn(
     `z_loss` adds z_loss * mean(log Z^2) over supervised tokens.
     """
 
-    def objective_sums(params, batch):
-        sums = batch_sums(layout, params, batch, loss_chunk_size)
-        return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+    def gradient(params, batch, frozen=None, dropout_key=None):
+        def objective_sums(trained, micro_batch, index):
+            sums = batch_sums(
+                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index)
+            )
+            return sums["loss_sum"] + z_loss * sums["z_sum"], sums
 
-    sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), gradient_accumulation_steps, batch_sharding)
-
-    def gradient(params, batch):
+        sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), gradient_accumulation_steps, batch_sharding)
         grad_sums, sums = sum_grads(params, batch)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         return jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sums), sums
@@ -94,13 +101,18 @@ def make_train_step(
     z_loss: float = 0.0,
     gradient_accumulation_steps: int = 1,
     batch_sharding=None,
+    frozen_sharding=None,
+    dropout_seed: int | None = None,
 ) -> Callable:
-    """`train_step(params, opt_state, batch) -> (params, opt_state, metrics)`, one jitted
-    step: gradient (see `make_gradient_fn`), optimizer update, metrics left on device."""
+    """`train_step(params, opt_state, batch, frozen, step) -> (params, opt_state, metrics)`,
+    one jitted step: gradient (see `make_gradient_fn`) of the trained `params`, optimizer
+    update, metrics left on device. `frozen`: the model's other parameters ({} when all
+    train). With `dropout_seed`, LoRA dropout draws from (seed, `step`)."""
     gradient = make_gradient_fn(layout, loss_chunk_size, z_loss, gradient_accumulation_steps, batch_sharding)
 
-    def train_step(params, opt_state, batch):
-        grads, sums = gradient(params, batch)
+    def train_step(params, opt_state, batch, frozen, step):
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step)
+        grads, sums = gradient(params, batch, frozen, key)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -119,7 +131,7 @@ def make_train_step(
     params_sharding, opt_sharding = shardings
     return jax.jit(
         train_step,
-        in_shardings=(params_sharding, opt_sharding, None),
+        in_shardings=(params_sharding, opt_sharding, None, frozen_sharding, None),
         out_shardings=(params_sharding, opt_sharding, None),
         donate_argnums=(0, 1),
     )
@@ -135,6 +147,7 @@ def make_eval_step(
     """`eval_step(params, batch) -> sums` (loss_sum, weight_sum, correct, ...) to add over
     batches; in training's micro-batches, so eval never holds more activations than a step."""
     sums = accumulate(
-        lambda params, batch: batch_sums(layout, params, batch, loss_chunk_size), gradient_accumulation_steps, batch_sharding
+        lambda params, batch, _: batch_sums(layout, params, batch, loss_chunk_size), gradient_accumulation_steps,
+        batch_sharding,
     )
     return jax.jit(sums, in_shardings=(params_sharding, batch_sharding))

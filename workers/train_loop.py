@@ -7,6 +7,8 @@ import json
 import math
 import time
 
+import numpy as np
+
 from raysft.workers.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
 
@@ -23,15 +25,17 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
     from raysft.workers.eval_generation import EvalGenerations
     from raysft.workers.flops import mesh_peak_flops, model_flops
-    from raysft.workers.models.loading import load_params
+    from raysft.workers.models.source import ModelSource
+    from raysft.workers.optimizer import append_stage, build_optimizer
     from raysft.workers.preemption import Preempted, PreemptionNotice
     from raysft.workers.programs import RunPrograms
     from raysft.workers.sharded_model import ShardedModel
+    from raysft.workers.trainable import for_run
 
     rank0 = jax.process_index() == 0
     watchdog.progress("fetching the model to this host")
     model = ShardedModel.build(spec)
-    mesh, p_shard = model.mesh, model.shardings
+    mesh = model.mesh
 
     store = RowStore(spec.train_store)
     eval_stores = {name: RowStore(path) for name, path in (spec.eval_stores or {}).items()}
@@ -40,8 +44,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"the training data has {store.num_rows} rows, fewer than total_batch_size {batch}")
     total_steps = spec.total_steps(steps_per_epoch)
-    programs = RunPrograms.build(model, spec, total_steps)
-    b_shard = programs.batch_sharding
+    trainable = for_run(spec, model.layout.shapes, model.config.num_hidden_layers, steps_per_epoch)
 
     def publish(record: dict) -> None:
         if rank0 and spec.metrics_queue is not None:
@@ -52,14 +55,23 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     trajectory = spec.trajectory()
     config_hash = hashlib.sha256(json.dumps(trajectory, sort_keys=True).encode()).hexdigest()[:16]
     start_step = ckpts.latest_step()
-    param_bytes_read = 0
+    # `params`: what the step trains (with the optimizer state, all a checkpoint holds);
+    # `frozen`: the rest of the model (LoRA's base, frozen layers), read from the model.
+    # A checkpoint holds the stages of the step that made it; one that starts at the
+    # resumed step is added in the loop.
+    programs = RunPrograms.build(model, spec, total_steps, trainable.groups_at(max((start_step or 0) - 1, 0)))
+    b_shard = programs.batch_sharding
+    frozen_names = list(programs.abstract_frozen())
     if start_step is None:
         start_step = 0
-        params, param_bytes_read = load_params(model.model_dir, model.layout, lambda name, shape: p_shard[name])
+        everything, param_bytes_read = model.initial_params(spec)
+        params = {name: everything.pop(name) for name in programs.trained}
+        frozen = everything
         opt_state = jax.jit(programs.optimizer.init, out_shardings=programs.opt_shardings)(params)
     else:
+        frozen, param_bytes_read = model.initial_params(spec, frozen_names) if frozen_names else ({}, 0)
         params, opt_state, saved = ckpts.restore(
-            start_step, model.abstract_params(), programs.abstract_opt_state(), store.fingerprint,
+            start_step, programs.abstract_trained(), programs.abstract_opt_state(), store.fingerprint,
             spec.allow_data_change,
         )
         changes = changed_settings(saved.get("config", {}), trajectory)
@@ -80,12 +92,25 @@ def train_loop_per_worker(spec_fields: dict) -> None:
             "config_hash": config_hash,
             "config": trajectory,
             "reason": reason,
+            "trained": list(programs.trained),
         }
+
+    def unfreeze(step: int, params, opt_state, frozen):
+        """The programs, parameters and optimizer state of the stage that starts at `step`:
+        its parameters move from frozen to trained with a fresh optimizer state of their own."""
+        groups = trainable.groups_at(step)
+        new = groups[-1]
+        stage_programs = RunPrograms.build(model, spec, total_steps, groups)
+        params = {**params, **{name: frozen.pop(name) for name in new[1]}}
+        stage_optimizer = build_optimizer(spec, total_steps, (new,))
+        stage_state = jax.jit(stage_optimizer.init)({name: params[name] for name in new[1]})
+        opt_state = jax.device_put(append_stage(spec, opt_state, stage_state), stage_programs.opt_shardings)
+        return stage_programs, params, opt_state
 
     train_step, eval_step = programs.train_step, programs.eval_step
     generations = EvalGenerations.build(spec, model)
 
-    def evaluate(params, step: int) -> dict | None:
+    def evaluate(params, step: int) -> dict | None:  # every parameter: trained and frozen
         """Loss, perplexity and token accuracy over every eval row of every eval source
         (one host sync), and per named source `eval_loss/<name>` and
         `eval_token_accuracy/<name>`; with eval prompts, their answers (published) and
@@ -113,11 +138,12 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         return {**result, **generated}
 
     watchdog.progress("evaluating", spec.startup_timeout_s)
-    eval_start = evaluate(params, start_step)
+    eval_start = evaluate({**frozen, **params}, start_step)
     eval_loss_start = eval_start and eval_start.get("loss")
     publish({
         "event": "start", "start_step": start_step, "total_steps": total_steps, "eval_loss": eval_loss_start,
         "exact_match": eval_start and eval_start.get("exact_match"),
+        "trainable_parameters": trainable.trainable_count(start_step), "total_parameters": trainable.total,
     })
 
     peak, peak_source = mesh_peak_flops(mesh.devices.flatten().tolist(), spec.dtype)
@@ -128,8 +154,13 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     window_start, window_tokens, window_pairs, window_steps = attempt_start, 0, 0, 0
     watchdog.progress("compiling and running the first step", spec.startup_timeout_s)
     while step < total_steps:
+        if step > 0 and trainable.stage_at(step) != trainable.stage_at(step - 1):
+            programs, params, opt_state = unfreeze(step, params, opt_state, frozen)
+            train_step = programs.train_step
+            publish({"event": "unfreeze", "step": step, "trainable_parameters": trainable.trainable_count(step),
+                     "total_parameters": trainable.total})
         rows = store.step_rows(spec.seed, step, batch)
-        params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard))
+        params, opt_state, metrics = train_step(params, opt_state, global_batch(store, rows, b_shard), frozen, np.int32(step))
         window_tokens = window_tokens + metrics["tokens"]  # stays on device: no sync
         window_pairs = window_pairs + metrics["attention_pairs"]
         window_steps += 1
@@ -181,7 +212,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
             watchdog.progress("evaluating", spec.startup_timeout_s)
             jax.block_until_ready(params)  # the window's steps end here: eval time is not step time
             paused = time.perf_counter()
-            evaluated = evaluate(params, step)
+            evaluated = evaluate({**frozen, **params}, step)
             if evaluated:  # None with only generation prompts that have no reference
                 publish({"event": "eval", "step": step, **evaluated})
             window_start += time.perf_counter() - paused
@@ -189,6 +220,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     preemption.close()
     watchdog.progress("finishing the last checkpoint", spec.startup_timeout_s)
     ckpts.close()
+    params = {**frozen, **params}
     eval_end = evaluate(params, step)
     eval_loss_end = eval_end and eval_end.get("loss")
     if eval_end:
@@ -196,6 +228,8 @@ def train_loop_per_worker(spec_fields: dict) -> None:
 
     watchdog.progress("exporting", spec.startup_timeout_s)
     model.export(params, spec.export_dir, spec.export_dtype, spec.tokenizer_dir)
+    if spec.adapter_dir:
+        model.export_adapter(params, spec.adapter_dir, ModelSource.parse(spec.model).name)
     summary = {
         "start_step": start_step,
         "final_step": step,
@@ -214,6 +248,9 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         "param_bytes_read_by_rank0": param_bytes_read,
         "data_fingerprint": store.fingerprint,
         "export_dir": spec.export_dir,
+        "adapter_dir": spec.adapter_dir,
+        "trainable_parameters": trainable.trainable_count(step),
+        "total_parameters": trainable.total,
         "checkpoint_dir": spec.checkpoint_dir,
         "spec": {k: v for k, v in spec.as_dict().items() if k != "metrics_queue"},
     }

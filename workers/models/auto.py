@@ -17,14 +17,17 @@ from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.llama import LlamaForCausalLM
 from raysft.workers.models.loading import load_params, tensor_files
+from raysft.workers.models.lora import LoraSettings
 from raysft.workers.models.params import ParamLayout
 from raysft.workers.models.runtime import ModelRuntime
 from raysft.workers.models.source import ModelSource
 
 
-def build_layout(cfg: ModelConfig, dtype, param_dtype, runtime: ModelRuntime = ModelRuntime()) -> ParamLayout:
+def build_layout(
+    cfg: ModelConfig, dtype, param_dtype, runtime: ModelRuntime = ModelRuntime(), lora: LoraSettings | None = None
+) -> ParamLayout:
     return ParamLayout.of(
-        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, runtime=runtime, rngs=nnx.Rngs(0))
+        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, runtime=runtime, lora=lora, rngs=nnx.Rngs(0))
     )
 
 

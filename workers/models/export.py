@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from raysft.data.locations import is_object_storage, make_dir
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
+from raysft.workers.models.lora import is_adapter, merged_kernel
 from raysft.workers.models.params import hf_tensors, is_stacked
 
 SHARD_BYTES = 5 * 1000**3
@@ -33,6 +34,18 @@ def _gather_program(replicated: NamedSharding, dtype, stacked: bool) -> Callable
     return jax.jit(take, out_shardings=replicated)
 
 
+@functools.lru_cache(maxsize=None)
+def _merge_program(replicated: NamedSharding, dtype, stacked: bool, scale: float) -> Callable:
+    """A kernel with its LoRA adapter merged in (one layer of a stacked one), gathered."""
+
+    def merge(kernel, lora_a, lora_b, *layer):
+        if stacked:
+            kernel, lora_a, lora_b = (jax.lax.dynamic_index_in_dim(x, layer[0], keepdims=False) for x in (kernel, lora_a, lora_b))
+        return merged_kernel(kernel, lora_a, lora_b, scale).astype(dtype)
+
+    return jax.jit(merge, out_shardings=replicated)
+
+
 def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
     """(program, arguments) that put one layer of stacked parameter `name` (the layer
     index is an argument: one program for every layer), or the whole of another, on
@@ -44,14 +57,27 @@ def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
     return program, ((array, jax.ShapeDtypeStruct((), jnp.int32)) if stacked else (array,))
 
 
-def _to_host(name: str, array: jax.Array, layer: int, dtype: str, writer: bool) -> np.ndarray | None:
-    """One layer (or the whole) of a parameter on the writing host. A collective on
-    multi-device meshes: every process calls it for every piece."""
+def _to_host(
+    name: str, params: dict[str, jax.Array], layer: int, dtype: str, writer: bool, lora_scale: float | None = None
+) -> np.ndarray | None:
+    """One layer (or the whole) of a parameter on the writing host, with its LoRA adapter
+    merged where `params` holds one. A collective on multi-device meshes: every process
+    calls it for every piece."""
+    array, stem = params[name], name.rsplit(".", 1)[0]
+    adapted = lora_scale and name.endswith(".kernel") and f"{stem}.lora_a" in params
+    adapter = [params[f"{stem}.lora_a"], params[f"{stem}.lora_b"]] if adapted else []
+    stacked = is_stacked(name)
     if len(array.sharding.device_set) == 1:
-        piece = array[layer] if is_stacked(name) else array
-        return np.asarray(piece).astype(EXPORT_DTYPES[dtype]) if writer else None
-    program, _ = layer_gather(name, array, dtype)
-    out = program(array, np.int32(layer)) if is_stacked(name) else program(array)
+        pieces = [x[layer] if stacked else x for x in (array, *adapter)]
+        host = np.asarray(merged_kernel(*pieces, lora_scale) if adapter else pieces[0])
+        return host.astype(EXPORT_DTYPES[dtype]) if writer else None
+    if adapter:
+        replicated = NamedSharding(array.sharding.mesh, P())
+        program = _merge_program(replicated, jnp.dtype(EXPORT_DTYPES[dtype]), stacked, lora_scale)
+        out = program(array, *adapter, *((np.int32(layer),) if stacked else ()))
+    else:
+        program, _ = layer_gather(name, array, dtype)
+        out = program(array, np.int32(layer)) if stacked else program(array)
     # Every process waits for each gather, not only the writer: a process that runs ahead
     # has several gathers in flight, which the CPU runtime may run in another order than
     # the other processes, and their collectives then wait on each other for ever.
@@ -59,14 +85,17 @@ def _to_host(name: str, array: jax.Array, layer: int, dtype: str, writer: bool) 
     return np.asarray(out.addressable_data(0)) if writer else None
 
 
-def _shard_plan(params: dict[str, jax.Array], itemsize: int) -> list[list[tuple[str, int, str, bool]]]:
-    """Files of at most SHARD_BYTES: each a list of (param, layer piece, HF name, transposed)."""
+def _shard_plan(
+    params: dict[str, jax.Array], itemsize: int, tensors_of: Callable = hf_tensors
+) -> list[list[tuple[str, int, str, bool]]]:
+    """Files of at most SHARD_BYTES: each a list of (param, layer piece, file's tensor
+    name, transposed)."""
     files: list[list[tuple[str, int, str, bool]]] = [[]]
     size = 0
     for name in sorted(params):
         shape = params[name].shape
         piece_bytes = int(np.prod(shape[1:] if is_stacked(name) else shape)) * itemsize
-        for piece, (key, transposed) in enumerate(hf_tensors(name, shape)):
+        for piece, (key, transposed) in enumerate(tensors_of(name, shape)):
             if size and size + piece_bytes > SHARD_BYTES:
                 files.append([])
                 size = 0
@@ -80,40 +109,56 @@ def save_pretrained(
     hf_config: dict[str, Any],
     out_dir: epath.Path,
     dtype: str = "float32",
+    lora_scale: float | None = None,
 ) -> None:
     """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`
-    (a local directory or an object-storage prefix).
+    (a local directory or an object-storage prefix); LoRA adapters in `params` are merged
+    into their kernels (`lora_scale`: alpha / r).
 
     Call on every process; only process 0 writes. Parameters are gathered one layer at a
     time and each file is written as soon as its tensors are gathered, so a device holds
     at most one layer's extra copy and the host one file's worth of weights.
     """
+    base = [name for name in params if not is_adapter(name)]
+    write_tensors(params, out_dir, dtype, base, lora_scale=lora_scale)
+    if jax.process_index() == 0:
+        config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tensors(
+    params: dict[str, jax.Array],
+    out_dir: epath.Path,
+    dtype: str,
+    names: list[str],
+    tensors_of: Callable = hf_tensors,
+    single_file: str = SINGLE_FILE,
+    lora_scale: float | None = None,
+) -> None:
+    """Parameters `names` of `params` as safetensors files in `out_dir` (one file, or
+    shards of 5 GB with an index), each tensor named and laid out by `tensors_of`."""
     np_dtype = EXPORT_DTYPES[dtype]
     writer = jax.process_index() == 0
-    files = _shard_plan(params, np.dtype(np_dtype).itemsize)
-    names = [SINGLE_FILE] if len(files) == 1 else [
+    files = _shard_plan({name: params[name] for name in names}, np.dtype(np_dtype).itemsize, tensors_of)
+    file_names = [single_file] if len(files) == 1 else [
         f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
     ]
     if writer:
         make_dir(out_dir)
     weight_map, total = {}, 0
-    for file_name, entries in zip(names, files):
+    for file_name, entries in zip(file_names, files):
         tensors = {}
         for name, piece, key, transposed in entries:
-            host = _to_host(name, params[name], piece, dtype, writer)
+            host = _to_host(name, params, piece, dtype, writer, lora_scale)
             if writer:
                 tensors[key] = np.ascontiguousarray(host.T if transposed else host)
         if writer:
             _save_safetensors(tensors, out_dir / file_name)
             weight_map.update(dict.fromkeys(tensors, file_name))
             total += sum(t.nbytes for t in tensors.values())
-    if not writer:
-        return
-    if len(files) > 1:
+    if writer and len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], target: epath.Path) -> None:

@@ -1,0 +1,160 @@
+"""LoRA adapters as parameters of their own, and their PEFT names.
+
+An adapted projection `y = x W` becomes `y = x W + (alpha / r) * dropout(x) A B` with
+`A` [in, r] and `B` [r, out] (`q_proj.lora_a`, `q_proj.lora_b`, next to `q_proj.kernel`),
+so sharding rules, checkpoints and the optimizer address adapters by name like any other
+parameter, and the frozen base is never differentiated.
+
+Written here rather than with qwix's LoRA provider: qwix creates adapters by intercepting
+the model's matmuls on a first call with real inputs, while raysft declares every
+parameter in an abstract layout before any weight exists (sharding, loading, resuming and
+`raysft plan`'s compile-only TPU programs all start from it), and calls its decoder
+layers merged inside `lax.scan` and remat; a module with declared adapters keeps their
+names, shapes and shardings static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from raysft.workers.models.config import ModelConfig
+
+LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+ADAPTER_DTYPE = jnp.float32  # adapters train in fp32 whatever the base weights' dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    modules: tuple[str, ...]  # adapted projections, the same in every decoder layer
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+
+
+def adapted_kernel(name: str) -> str:
+    """`...q_proj.lora_a` -> `...q_proj.kernel`."""
+    return name.rsplit(".", 1)[0] + ".kernel"
+
+
+def module_names(cfg: ModelConfig) -> list[str]:
+    """The Hugging Face names of the projections LoRA may adapt, as PEFT matches them."""
+    names = [
+        f"model.layers.{layer}.{'self_attn' if kind in LAYER_MODULES[:4] else 'mlp'}.{kind}"
+        for layer in range(cfg.num_hidden_layers)
+        for kind in LAYER_MODULES
+    ]
+    return names if cfg.tie_word_embeddings else [*names, "lm_head"]
+
+
+def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ...]:
+    """The projections `lora_target_modules` names, with PEFT's rules: "all-linear" (every
+    projection but the output layer), a list of names (a module whose name is one, or ends
+    with "." and one), or one string as a regular expression over the full module names."""
+    names = module_names(cfg)
+    if targets == "all-linear":
+        return LAYER_MODULES
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"lora_target_modules {targets!r} is not a valid regular expression: {err}") from None
+        matched = [n for n in names if pattern.fullmatch(n)]
+    else:
+        matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in matched}, key=[*LAYER_MODULES, "lm_head"].index)
+    if not matched:
+        raise ValueError(
+            f"lora_target_modules {targets!r} matches none of the model's projections; it can name "
+            f"{', '.join([*LAYER_MODULES, *names[len(LAYER_MODULES) * cfg.num_hidden_layers:]])} "
+            f"(full names like {names[0]!r}), or be 'all-linear'"
+        )
+    for kind in kinds:
+        layers = sorted({int(n.split(".")[2]) for n in matched if n.endswith("." + kind) and n.startswith("model.")})
+        if kind != "lm_head" and len(layers) != cfg.num_hidden_layers:
+            raise ValueError(
+                f"lora_target_modules {targets!r} adapts {kind} in layers {layers} only; raysft adapts a projection "
+                "in every decoder layer or in none"
+            )
+    return tuple(kinds)
+
+
+def check_rank(rank: int, cfg: ModelConfig, modules: tuple[str, ...]) -> None:
+    """A rank past the smallest adapted dimension adds no capacity, only parameters."""
+    dims = {
+        "q_proj": (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim),
+        "k_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim),
+        "v_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim),
+        "o_proj": (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size),
+        "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "down_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "lm_head": (cfg.hidden_size, cfg.vocab_size),
+    }
+    smallest = min(min(dims[m]) for m in modules)
+    if rank > smallest:
+        raise ValueError(f"lora_rank {rank} is larger than the smallest adapted dimension ({smallest}) of {', '.join(modules)}")
+
+
+class LoRALinear(nnx.Linear):
+    """`nnx.Linear` plus `(alpha / r) * dropout(x) A B`; `B` starts at zero, so the adapted
+    model starts as the base model (`A` as PEFT draws it: uniform in +-1/sqrt(in))."""
+
+    def __init__(self, fan_in: int, fan_out: int, lora: LoraSettings, *, rngs: nnx.Rngs, **kwargs):
+        super().__init__(fan_in, fan_out, rngs=rngs, **kwargs)
+        bound = 1.0 / fan_in**0.5
+        self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (fan_in, lora.rank), ADAPTER_DTYPE, -bound, bound))
+        self.lora_b = nnx.Param(jnp.zeros((lora.rank, fan_out), ADAPTER_DTYPE))
+        self.lora_scale, self.lora_dropout = lora.scale, lora.dropout
+
+    def __call__(self, x, dropout_key=None):
+        y = super().__call__(x)
+        if self.lora_dropout and dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        return y + (x @ a) @ b * jnp.asarray(self.lora_scale, x.dtype)
+
+
+def project(linear: nnx.Linear, x, dropout_key=None):
+    """`linear(x)`, with LoRA dropout drawn from `dropout_key` where it is adapted."""
+    return linear(x, dropout_key) if isinstance(linear, LoRALinear) else linear(x)
+
+
+def child_key(key, index: int):
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+def initial_adapters(shapes: dict[str, jax.ShapeDtypeStruct], seed: int) -> dict[str, jax.Array]:
+    """Fresh adapters for a loaded base: `A` uniform in +-1/sqrt(in) from (seed, name),
+    `B` zero. Pure, so one jitted call places them sharded."""
+    out = {}
+    for name, s in shapes.items():
+        if name.endswith(".lora_b"):
+            out[name] = jnp.zeros(s.shape, s.dtype)
+        elif name.endswith(".lora_a"):
+            digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), digest)
+            bound = 1.0 / s.shape[-2] ** 0.5
+            out[name] = jax.random.uniform(key, s.shape, s.dtype, -bound, bound)
+    return out
+
+
+def merged_kernel(kernel, lora_a, lora_b, scale: float):
+    """W + scale * A B in fp32 (a stacked [L, in, out] kernel: per layer)."""
+    delta = jnp.einsum("...ir,...ro->...io", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
+    return kernel.astype(jnp.float32) + scale * delta

@@ -1,0 +1,118 @@
+"""LoRA adapters as PEFT directories: `adapter_config.json` and `adapter_model.safetensors`
+with PEFT's tensor names, which `peft.PeftModel.from_pretrained(base, dir)` loads, and
+read back so a run can continue an adapter trained elsewhere (`lora_init_from`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import jax
+import numpy as np
+from etils import epath
+from safetensors.numpy import load as load_safetensors
+
+from raysft.data.locations import location
+from raysft.workers.models.config import ModelConfig, ModelLoadError
+from raysft.workers.models.export import write_tensors
+from raysft.workers.models.lora import LoraSettings, adapted_kernel, resolve_modules
+from raysft.workers.models.params import hf_tensors, is_stacked
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def peft_tensors(name: str, shape: tuple[int, ...]) -> list[tuple[str, bool]]:
+    """(PEFT name, transposed) per layer of adapter `name`: ours `A` [in, r] and `B` [r, out],
+    PEFT's `lora_A.weight` [r, in] and `lora_B.weight` [out, r] (torch Linear layouts)."""
+    leaf = "lora_A" if name.endswith(".lora_a") else "lora_B"
+    return [
+        (PREFIX + key.replace(".weight", f".{leaf}.weight"), True)
+        for key, _ in hf_tensors(adapted_kernel(name), shape)
+    ]
+
+
+def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: epath.Path, base_model: str) -> None:
+    """Call on every process (the adapters are gathered); process 0 writes."""
+    write_tensors(adapters, out_dir, "float32", sorted(adapters), peft_tensors, WEIGHTS_FILE)
+    if jax.process_index() == 0:
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "target_modules": list(lora.modules),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def read_adapter(
+    path: str,
+    lora: LoraSettings,
+    cfg: ModelConfig,
+    shapes: dict[str, jax.ShapeDtypeStruct],
+    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding],
+) -> dict[str, jax.Array]:
+    """A PEFT adapter directory's tensors as our adapters, placed by `sharding_for`; an
+    adapter made for another rank, scale, set of projections or model shape is refused,
+    naming the first difference."""
+    directory = location(path)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for required in (config_file, weights_file):
+        if not required.is_file():
+            raise ModelLoadError(f"lora_init_from: {required} not found (a PEFT adapter directory holds "
+                                 f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = json.loads(config_file.read_text())
+    mismatch = _config_mismatch(config, lora, cfg)
+    if mismatch:
+        raise ModelLoadError(f"lora_init_from: {config_file}: {mismatch}")
+    tensors = load_safetensors(weights_file.read_bytes())
+    out = {}
+    for name, abstract in shapes.items():
+        per_layer = []
+        for key, transposed in peft_tensors(name, abstract.shape):
+            expected = abstract.shape[1:] if is_stacked(name) else abstract.shape
+            tensor = tensors.get(key)
+            if tensor is None:
+                raise ModelLoadError(f"lora_init_from: {weights_file} has no tensor {key}")
+            found = tensor.T.shape if transposed else tensor.shape
+            if tuple(found) != tuple(expected):
+                raise ModelLoadError(
+                    f"lora_init_from: {weights_file}: {key} has shape {tuple(tensor.shape)}, this model's adapter "
+                    f"needs {tuple(expected[::-1] if transposed else expected)}"
+                )
+            per_layer.append(tensor.T if transposed else tensor)
+        value = np.stack(per_layer) if is_stacked(name) else per_layer[0]
+        value = np.ascontiguousarray(value.astype(abstract.dtype))
+        out[name] = jax.make_array_from_callback(value.shape, sharding_for(name, value.shape), lambda index, v=value: v[index])
+    return out
+
+
+def _config_mismatch(config: dict, lora: LoraSettings, cfg: ModelConfig) -> str | None:
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type {config.get('peft_type')!r}, raysft continues LORA adapters"
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key):
+            return f"{key} is set; raysft adapters are plain LoRA"
+    if config.get("r") != lora.rank:
+        return f"rank r={config.get('r')}, this run's lora_rank is {lora.rank}"
+    if float(config.get("lora_alpha", 8)) != float(lora.alpha):
+        return f"lora_alpha {config.get('lora_alpha')}, this run's lora_alpha is {lora.alpha}"
+    targets = config.get("target_modules") or []
+    try:
+        modules = resolve_modules(targets, cfg)
+    except ValueError as err:
+        return str(err)
+    if set(modules) != set(lora.modules):
+        return f"target modules {sorted(modules)}, this run's lora_target_modules adapt {sorted(lora.modules)}"
+    return None

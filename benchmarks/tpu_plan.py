@@ -2,7 +2,7 @@
 compiler on this CPU machine (`raysft plan`), plus two figures the plan stands on:
 sequence parallelism's memory and the export's memory, both from compiled programs.
 
-    python benchmarks/tpu_plan.py [--sections table,sp,export] [--models Llama-3.1-8B] [--slices v5p-16]
+    python benchmarks/tpu_plan.py [--sections table,sp,export,lora] [--models Llama-3.1-8B] [--slices v5p-16]
 
 Each table cell is `rs.plan` of one run: T = 4096, 32 sequences per step, bf16 compute,
 fp32 parameters and AdamW, scanned layers, splash attention, starting with no remat and
@@ -37,7 +37,7 @@ RUN = dict(
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(cli_parse_args=True, cli_prog_name="tpu_plan.py")
 
-    sections: list[str] = ["table", "sp", "export"]
+    sections: list[str] = ["table", "sp", "export", "lora"]
     models: list[str] = MODELS
     slices: list[str] = SLICES
     estimate: bool = False  # the cost model's step time too (2 more compiles per fitting cell)
@@ -118,10 +118,37 @@ def export() -> dict:
     return out
 
 
+def lora() -> dict:
+    """Llama-3.1-8B at T = 4096 on v5e-8 (16 GiB per chip), 8 rows a step, full remat:
+    full fine-tuning (fp32 or bf16 parameters, AdamW) against LoRA r=16 on every linear
+    projection over a bf16 base (fp32 adapters and their AdamW state)."""
+    out = {}
+    common = dict(tpu_type="v5litepod-8", total_batch_size=8, gradient_checkpointing="nothing_saveable")
+    for name, settings in (
+        ("full, fp32 params", {}),
+        ("full, bf16 params", {"param_dtype": "bfloat16"}),
+        ("LoRA r=16, bf16 base", {"param_dtype": "bfloat16", "use_lora": True, "lora_rank": 16}),
+    ):
+        run = compiled("Llama-3.1-8B", **common, **settings)
+        out[name] = {
+            "params_gib": round(run.param_bytes / GiB, 2), "optimizer_gib": round(run.optimizer_bytes / GiB, 3),
+            "total_gib": round(run.train.total / GiB, 2), "refused_for_memory": run.train.out_of_memory,
+            "compile_s": round(run.train.compile_s),
+        }
+        print(json.dumps({"lora": {name: out[name]}}), flush=True)
+    print("\n| Llama-3.1-8B, v5e-8, T = 4096 | parameters | optimizer state | peak per chip (16 GiB) |\n|---|---|---|---|")
+    for name, c in out.items():
+        peak = f"{c['total_gib']} GiB" + (" (refused: does not fit)" if c["refused_for_memory"] else "")
+        print(f"| {name} | {c['params_gib']} GiB | {c['optimizer_gib']} GiB | {peak} |")
+    return out
+
+
 def main() -> None:
     settings = Settings()
     result = {"benchmark": "tpu_plan"}
-    for section, run in (("table", table), ("sp", lambda s: sequence_parallel()), ("export", lambda s: export())):
+    sections = (("table", table), ("sp", lambda s: sequence_parallel()), ("export", lambda s: export()),
+                ("lora", lambda s: lora()))
+    for section, run in sections:
         if section in settings.sections:
             result[section] = run(settings)
     print(json.dumps(result))

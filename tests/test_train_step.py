@@ -83,8 +83,9 @@ def test_eval_in_micro_batches_gives_the_whole_batch_sums(model):
         assert float(micro[key]) == pytest.approx(float(whole[key]), rel=1e-6), key
 
 
-def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1)):
-    """`steps` AdamW steps on a 4-device fsdp mesh; the final params on host."""
+def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1), one_batch=False):
+    """`steps` AdamW steps on a 4-device fsdp mesh (on one batch, or a new one each step);
+    the final params on host."""
     from raysft.workers.mesh import optimizer_state_shardings
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
@@ -105,7 +106,7 @@ def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1)):
     step = make_train_step(layout, optimizer, (p_shard, opt_shard), batch_sharding=batch_sharding(mesh))
     losses = []
     for s in range(steps):
-        params, opt_state, metrics = step(params, opt_state, uneven_batch(seed=s), {}, s)
+        params, opt_state, metrics = step(params, opt_state, uneven_batch(seed=0 if one_batch else s), {}, s)
         losses.append(float(metrics["loss"]))
     return {n: np.asarray(p) for n, p in params.items()}, losses
 
@@ -118,10 +119,12 @@ def test_same_seed_and_config_give_bit_identical_parameters(model):
 
 
 def test_bfloat16_compute_with_float32_params_trains(model):
-    params, losses = _train(model.model_dir, steps=4, dtype=jnp.bfloat16)
+    # One batch throughout: random tokens leave little to learn across batches, and the
+    # loss of a new batch may as well rise.
+    params, losses = _train(model.model_dir, steps=4, dtype=jnp.bfloat16, one_batch=True)
     assert {p.dtype for p in params.values()} == {np.dtype(np.float32)}
-    _, full = _train(model.model_dir, steps=4)
-    assert losses[-1] < losses[0]
+    _, full = _train(model.model_dir, steps=4, one_batch=True)
+    assert losses[-1] < losses[0] - 0.05
     # bf16 matmuls, fp32 master weights and fp32 loss: measured within 2e-4 of fp32.
     np.testing.assert_allclose(losses, full, rtol=2e-3)
 

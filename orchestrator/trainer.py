@@ -83,6 +83,11 @@ class SFTTrainer:
         self.args = arguments
         self.model = (model.source if isinstance(model, CausalLM) else ModelSource.parse(model)).pinned()
         self.model_dir = self.model.fetch(weights=False)
+        if arguments.use_lora or arguments.frozen_parameters or arguments.trainable_parameters or arguments.unfreeze_schedule:
+            from raysft.orchestrator.plan import plan_spec
+            from raysft.workers.trainable import check_run
+
+            check_run(plan_spec(arguments, self.model_dir), self.model_dir)  # before Ray starts too
         mixture.parts(train_dataset)  # a bad mixture fails here, before Ray starts
         if eval_dataset is not None:
             mixture.parts(eval_dataset, "eval_dataset")

@@ -138,3 +138,14 @@ def test_freezing_settings_that_select_nothing_or_everything_are_refused():
         rs.SFTConfig(unfreeze_schedule={"layers": 1})
     with pytest.raises(ValueError, match="scan_layers"):
         rs.SFTConfig(unfreeze_schedule={"layers": 1, "every_epochs": 1}, scan_layers=True)
+
+
+def test_bad_lora_and_freezing_settings_stop_before_ray(tmp_path, tiny_model_dir, data):
+    for overrides, message in [
+        ({"use_lora": True, "lora_target_modules": ["query_key_value"]}, "matches none of the model's projections"),
+        ({"use_lora": True, "lora_rank": 64}, r"lora_rank 64 is larger than the smallest adapted dimension \(16\)"),
+        ({"frozen_parameters": ["no_such_weight"]}, "pattern 'no_such_weight' matches no parameter"),
+        ({"use_lora": True, "lora_init_from": str(tmp_path)}, "adapter_config.json not found"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            rs.SFTTrainer(_config(tmp_path, "bad", **overrides), tiny_model_dir, train_dataset=data)

@@ -149,3 +149,23 @@ def for_run(spec, shapes: dict, num_layers: int, steps_per_epoch: int) -> Traina
         unfreeze_every_steps=every,
         num_layers=num_layers,
     )
+
+
+def check_run(spec, model_dir) -> None:
+    """A run's LoRA and freezing settings against the model's `config.json`, on the driver:
+    a bad target, rank, adapter or pattern is one line before any worker starts."""
+    import jax.numpy as jnp
+
+    from raysft.workers.models.auto import build_layout
+    from raysft.workers.models.config import ModelConfig, read_hf_config
+    from raysft.workers.models.peft import check_adapter
+    from raysft.workers.models.runtime import ModelRuntime
+    from raysft.workers.sharded_model import lora_settings
+
+    config_file = model_dir / "config.json"
+    cfg = ModelConfig.from_hf_dict(read_hf_config(config_file), source=str(config_file))
+    lora = lora_settings(spec, cfg)
+    if lora and spec.lora_init_from:
+        check_adapter(spec.lora_init_from, lora, cfg)
+    layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime(scan_layers=spec.scan_layers), lora)
+    for_run(spec, layout.shapes, cfg.num_hidden_layers, steps_per_epoch=1)

@@ -66,16 +66,7 @@ def read_adapter(
     """A PEFT adapter directory's tensors as our adapters, placed by `sharding_for`; an
     adapter made for another rank, scale, set of projections or model shape is refused,
     naming the first difference."""
-    directory = location(path)
-    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for required in (config_file, weights_file):
-        if not required.is_file():
-            raise ModelLoadError(f"lora_init_from: {required} not found (a PEFT adapter directory holds "
-                                 f"{CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads(config_file.read_text())
-    mismatch = _config_mismatch(config, lora, cfg)
-    if mismatch:
-        raise ModelLoadError(f"lora_init_from: {config_file}: {mismatch}")
+    weights_file = check_adapter(path, lora, cfg)
     tensors = load_safetensors(weights_file.read_bytes())
     out = {}
     for name, abstract in shapes.items():
@@ -96,6 +87,21 @@ def read_adapter(
         value = np.ascontiguousarray(value.astype(abstract.dtype))
         out[name] = jax.make_array_from_callback(value.shape, sharding_for(name, value.shape), lambda index, v=value: v[index])
     return out
+
+
+def check_adapter(path: str, lora: LoraSettings, cfg: ModelConfig) -> epath.Path:
+    """The adapter's weights file, once its directory is complete and its config agrees
+    with the run's LoRA settings."""
+    directory = location(path)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for required in (config_file, weights_file):
+        if not required.is_file():
+            raise ModelLoadError(f"lora_init_from: {required} not found (a PEFT adapter directory holds "
+                                 f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    mismatch = _config_mismatch(json.loads(config_file.read_text()), lora, cfg)
+    if mismatch:
+        raise ModelLoadError(f"lora_init_from: {config_file}: {mismatch}")
+    return weights_file
 
 
 def _config_mismatch(config: dict, lora: LoraSettings, cfg: ModelConfig) -> str | None:

@@ -22,6 +22,7 @@ from raysft.workers.models.loading import load_params
 from raysft.workers.models.lora import LoraSettings, check_rank, is_adapter, resolve_modules
 from raysft.workers.models.peft import read_adapter, save_adapter
 from raysft.workers.models.runtime import ModelRuntime
+from raysft.workers.sampler import Sampler, SamplingParams
 
 DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -62,8 +63,9 @@ VARIANTS = {
     [("llama", False), ("llama", True), ("mistral-window", True), ("qwen2-bias-tied", False), ("qwen3-bias-window", True)],
 )
 def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_layers):
-    """Logits of our adapted model equal PEFT's; the adapter we write loads in PEFT with
-    the same logits; the merged export loads in transformers with the same logits."""
+    """Logits of our adapted model equal PEFT's, and its greedy answers PEFT's `generate`;
+    the adapter we write loads in PEFT with the same logits; the merged export loads in
+    transformers with the same logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +83,14 @@ def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_laye
     _, layout, params = _ours(model_dir, lora, tmp_path / "peft", scan_layers)
     ours = np.asarray(layout.bind(params)(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    # The KV-cache sampler goes through the adapters too: PEFT's greedy tokens.
+    prompts = [ids[0, :n].tolist() for n in (5, 11)]
+    answers = Sampler(layout, stop_token_ids=[], max_length=64).generate(params, prompts, SamplingParams(max_new_tokens=8))
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers):
+            greedy = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                        eos_token_id=None, pad_token_id=0)
+            assert answer == greedy[0, len(prompt):].tolist()
 
     from etils import epath
 

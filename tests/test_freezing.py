@@ -1,12 +1,13 @@
 """What a run trains: LoRA adapters on a frozen base and frozen or gradually unfrozen
 parameters, through `SFTTrainer` on Ray: checkpoints hold only what trains, resumes
-(also in the middle of an unfreezing schedule) continue bit for bit, frozen weights come
-out as they went in."""
+(also where an unfreezing stage starts) continue bit for bit, frozen weights come out as
+they went in. A resume is the same run again after its last checkpoint was deleted."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -58,13 +59,14 @@ def test_gradual_unfreezing_freezes_resumes_mid_schedule_and_keeps_frozen_weight
     assert not any("embed_tokens" in n or "layers.0.mlp." in n for n in meta["trained"])
     assert any(n.startswith("model.layers.0.self_attn") for n in meta["trained"])
 
-    # Stopped at step 2 (where layer 0 is due), then resumed: layer 0 starts at step 2 as in
-    # the whole run, and the result is the same to the bit.
-    first = _train(_config(tmp_path, "split", max_training_steps=2, **freezing), tiny_model_dir, data)
-    at_2 = _weights(first.export_dir)
-    assert np.array_equal(original["model.layers.0.self_attn.q_proj.weight"], at_2["model.layers.0.self_attn.q_proj.weight"])
-    assert not np.array_equal(original["model.layers.1.self_attn.q_proj.weight"], at_2["model.layers.1.self_attn.q_proj.weight"])
-    second = _train(_config(tmp_path, "split", max_training_steps=5, **freezing), tiny_model_dir, data)
+    # The checkpoint of step 2 was made before layer 0 was due: without it.
+    meta_2 = json.loads((whole.checkpoint_dir / "2" / "meta" / "metadata").read_text())
+    assert not any(n.startswith("model.layers.0.") for n in meta_2["trained"])
+
+    # Resumed from step 2, where layer 0 is due: it starts there as in the whole run, and
+    # the result is the same to the bit.
+    shutil.rmtree(whole.checkpoint_dir / "4")
+    second = _train(_config(tmp_path, "whole", max_training_steps=5, **freezing), tiny_model_dir, data)
     assert second.summary["start_step"] == 2
     assert [r["step"] for r in second.metrics if r["event"] == "unfreeze"] == [2]
     resumed = _weights(second.export_dir)
@@ -94,8 +96,8 @@ def test_lora_run_resumes_bit_identical_and_exports_adapters(local_ray, tmp_path
     assert np.array_equal(original["model.layers.0.self_attn.k_proj.weight"], merged["model.layers.0.self_attn.k_proj.weight"])
     assert not np.array_equal(original["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
 
-    _train(_config(tmp_path, "split", max_training_steps=2, **lora), tiny_model_dir, data)
-    second = _train(_config(tmp_path, "split", max_training_steps=4, **lora), tiny_model_dir, data)
+    shutil.rmtree(whole.checkpoint_dir / "4")
+    second = _train(_config(tmp_path, "whole", max_training_steps=4, **lora), tiny_model_dir, data)
     assert second.summary["start_step"] == 2
     resumed = load_file(str(second.adapter_dir / "adapter_model.safetensors"))
     assert all(np.array_equal(adapter[k], resumed[k]) for k in adapter)

@@ -35,6 +35,14 @@ def _weights(directory) -> dict[str, np.ndarray]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def _keep_checkpoints_up_to(directory, step: int) -> None:
+    """As if the run had stopped after `step`: its later checkpoints (the final one too) gone."""
+    later = [p for p in directory.iterdir() if p.name.isdigit() and int(p.name) > step]
+    assert later
+    for path in later:
+        shutil.rmtree(path)
+
+
 def _train(config, model_dir, data):
     return rs.SFTTrainer(config, model_dir, train_dataset=data, quiet=True).train()
 
@@ -65,7 +73,7 @@ def test_gradual_unfreezing_freezes_resumes_mid_schedule_and_keeps_frozen_weight
 
     # Resumed from step 2, where layer 0 is due: it starts there as in the whole run, and
     # the result is the same to the bit.
-    shutil.rmtree(whole.checkpoint_dir / "4")
+    _keep_checkpoints_up_to(whole.checkpoint_dir, 2)
     second = _train(_config(tmp_path, "whole", max_training_steps=5, **freezing), tiny_model_dir, data)
     assert second.summary["start_step"] == 2
     assert [r["step"] for r in second.metrics if r["event"] == "unfreeze"] == [2]
@@ -96,7 +104,7 @@ def test_lora_run_resumes_bit_identical_and_exports_adapters(local_ray, tmp_path
     assert np.array_equal(original["model.layers.0.self_attn.k_proj.weight"], merged["model.layers.0.self_attn.k_proj.weight"])
     assert not np.array_equal(original["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
 
-    shutil.rmtree(whole.checkpoint_dir / "4")
+    _keep_checkpoints_up_to(whole.checkpoint_dir, 2)
     second = _train(_config(tmp_path, "whole", max_training_steps=4, **lora), tiny_model_dir, data)
     assert second.summary["start_step"] == 2
     resumed = load_file(str(second.adapter_dir / "adapter_model.safetensors"))

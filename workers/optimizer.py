@@ -49,9 +49,9 @@ def build_optimizer(
     them together, and each stage has an optimizer state of its own that starts at its
     start step, with the schedule's learning rate from there (a layer unfrozen at step
     100 starts with fresh moments and Adam's bias correction, at the run's rate)."""
-    if groups is None:
-        return _with_clip(spec, _optimizer(spec, learning_rate_schedule(spec, total_steps)))
     schedule = learning_rate_schedule(spec, total_steps)
+    if groups is None:
+        return _with_clip(spec, _optimizer(spec, schedule))
     stages = [(_optimizer(spec, lambda count, start=start: schedule(count + start)), names) for start, names in groups]
     return _with_clip(spec, _staged(stages))
 

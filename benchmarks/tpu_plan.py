@@ -121,15 +121,20 @@ def export() -> dict:
 def lora() -> dict:
     """Llama-3.1-8B at T = 4096 on v5e-8 (16 GiB per chip), 8 rows a step, full remat:
     full fine-tuning (fp32 or bf16 parameters, AdamW) against LoRA r=16 on every linear
-    projection over a bf16 base (fp32 adapters and their AdamW state)."""
+    projection over a bf16 base (fp32 adapters and their AdamW state), and QLoRA over an
+    int8 or nf4 base (also on v5e-4, 4 rows a step)."""
     out = {}
     common = dict(tpu_type="v5litepod-8", total_batch_size=8, gradient_checkpointing="nothing_saveable")
     for name, settings in (
         ("full, fp32 params", {}),
         ("full, bf16 params", {"param_dtype": "bfloat16"}),
         ("LoRA r=16, bf16 base", {"param_dtype": "bfloat16", "use_lora": True, "lora_rank": 16}),
+        ("QLoRA r=16, int8 base", {"param_dtype": "bfloat16", "use_lora": True, "lora_rank": 16, "quantize_base": "int8"}),
+        ("QLoRA r=16, nf4 base", {"param_dtype": "bfloat16", "use_lora": True, "lora_rank": 16, "quantize_base": "nf4"}),
+        ("QLoRA r=16, nf4 base, v5e-4", {"param_dtype": "bfloat16", "use_lora": True, "lora_rank": 16,
+                                          "quantize_base": "nf4", "tpu_type": "v5litepod-4", "total_batch_size": 4}),
     ):
-        run = compiled("Llama-3.1-8B", **common, **settings)
+        run = compiled("Llama-3.1-8B", **{**common, **settings})
         out[name] = {
             "params_gib": round(run.param_bytes / GiB, 2), "optimizer_gib": round(run.optimizer_bytes / GiB, 3),
             "total_gib": round(run.train.total / GiB, 2), "refused_for_memory": run.train.out_of_memory,

@@ -154,6 +154,11 @@ class SFTConfig(BaseModel):
     lora_init_from: str | None = Field(
         None, description="Start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors).",
     )
+    quantize_base: Literal["int8", "nf4"] | None = Field(
+        None, description="QLoRA: hold the frozen decoder-layer projections as int8 or nf4 codes with blockwise "
+        "absmax scales, dequantized in the matmul (embeddings, norms and lm_head stay in param_dtype).",
+    )
+    quantization_block_size: int = Field(64, gt=0, description="Inputs per quantization scale (bitsandbytes' nf4: 64).")
     trainable_parameters: list[str] | None = Field(
         None, description="Regular expressions over Hugging Face parameter names: train only these (with LoRA: "
         "these as well as the adapters).",
@@ -289,7 +294,10 @@ class SFTConfig(BaseModel):
                 "unfreeze_schedule unfreezes decoder layers one by one, and scan_layers holds them all in one array; "
                 "set scan_layers false"
             )
-        lora_fields = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init_from"}
+        lora_fields = {
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_init_from", "quantize_base",
+            "quantization_block_size",
+        }
         if not self.use_lora and lora_fields & self.model_fields_set:
             raise ValueError(f"{', '.join(sorted(lora_fields & self.model_fields_set))} set but use_lora is false")
         check_dims(self.sharding_axis_dims)

@@ -81,14 +81,19 @@ def test_gradual_unfreezing_freezes_resumes_mid_schedule_and_keeps_frozen_weight
     assert all(np.array_equal(final[k], resumed[k]) for k in final)
 
 
-def test_lora_run_resumes_bit_identical_and_exports_adapters(local_ray, tmp_path, tiny_model_dir, data):
-    """Two hosts, scanned layers, LoRA dropout and accumulation: the adapters (and only
-    they) are checkpointed, a resumed run ends where the whole one does, and the adapter
-    of any checkpoint exports as PEFT reads it."""
+def test_qlora_run_resumes_bit_identical_and_exports_adapters(local_ray, tmp_path, tiny_model_dir, data):
+    """Two hosts, scanned layers, an nf4 base, LoRA dropout and accumulation: the adapters
+    (and only they) are checkpointed, a resumed run ends where the whole one does, the
+    export is the dequantized base with the adapters merged, and the adapter of any
+    checkpoint exports as PEFT reads it."""
+    import jax.numpy as jnp
+
     from raysft.orchestrator.cli import main
+    from raysft.workers.models.quantization import Quantization, dequantize, quantize
 
     lora = dict(
         use_lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj", "down_proj"],
+        quantize_base="nf4", quantization_block_size=16,
         num_hosts=2, scan_layers=True, gradient_accumulation_steps=2, total_batch_size=8,
     )
     whole = _train(_config(tmp_path, "whole", max_training_steps=4, **lora), tiny_model_dir, data)
@@ -101,8 +106,14 @@ def test_lora_run_resumes_bit_identical_and_exports_adapters(local_ray, tmp_path
     assert sorted(adapter)[0] == "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" and len(adapter) == 12
     assert json.loads((whole.adapter_dir / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj", "down_proj"]
     original, merged = _weights(tiny_model_dir), _weights(whole.export_dir)
-    assert np.array_equal(original["model.layers.0.self_attn.k_proj.weight"], merged["model.layers.0.self_attn.k_proj.weight"])
-    assert not np.array_equal(original["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    k_proj = "model.layers.0.self_attn.k_proj.weight"  # quantized, not adapted: exported as the run saw it
+    nf4 = Quantization("nf4", 16)
+    as_trained = np.asarray(dequantize(*quantize(jnp.asarray(original[k_proj].T), nf4), nf4)).T
+    np.testing.assert_allclose(merged[k_proj], as_trained, atol=1e-6, rtol=0)
+    assert not np.array_equal(merged[k_proj], original[k_proj])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert np.abs(merged[q_proj] - original[q_proj]).max() > np.abs(merged[k_proj] - original[k_proj]).max()
+    assert np.array_equal(original["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
 
     _keep_checkpoints_up_to(whole.checkpoint_dir, 2)
     second = _train(_config(tmp_path, "whole", max_training_steps=4, **lora), tiny_model_dir, data)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from raysft.workers.models.quantization import stored_bytes
 from raysft.workers.programs import RunPrograms
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
@@ -81,7 +82,7 @@ def _compile_memory(lowered) -> tuple[Any, ProgramMemory]:
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of abstract arrays with shardings (the largest shard)."""
     return sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+        stored_bytes(math.prod(x.sharding.shard_shape(x.shape)), x.dtype) for x in jax.tree.leaves(tree)
     )
 
 

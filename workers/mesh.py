@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from raysft.workers.models.params import is_stacked
+from raysft.workers.models.quantization import SCALE_LEAF
 
 AXES = ("dp", "fsdp", "tp", "sp")
 BATCH_AXES = ("dp", "fsdp")
@@ -86,8 +87,11 @@ def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
         return ("tp", "fsdp")
     if leaf == "bias" and module in _COLUMN:
         return ("tp",)
-    # LoRA's A [in, r] and B [r, out] split their in and out dims as the kernel does.
-    kernel = param_spec(name.rsplit(".", 1)[0] + ".kernel", ()) if leaf in ("lora_a", "lora_b") else None
+    # LoRA's A [in, r] and B [r, out] split their in and out dims as the kernel does, and
+    # QLoRA's scales [in / block, out] both.
+    kernel = param_spec(name.rsplit(".", 1)[0] + ".kernel", ()) if leaf in ("lora_a", "lora_b", SCALE_LEAF) else None
+    if leaf == SCALE_LEAF:
+        return kernel
     if leaf == "lora_a":
         return (kernel[0], None)
     if leaf == "lora_b":
@@ -102,7 +106,9 @@ def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedShardi
     for size, axis in zip(dims, param_spec(name, dims)):
         axes = tuple(a for a in PARAM_SHARD_AXES.get(axis, (axis,)) if a and mesh.shape[a] > 1)
         ways = int(np.prod([mesh.shape[a] for a in axes]))
-        if size % ways:
+        if size % ways and name.endswith(SCALE_LEAF):  # fewer blocks than shards: small, replicated
+            axes = ()
+        elif size % ways:
             raise ShardingError(
                 f"parameter {name} {tuple(shape)}: dimension {size} is not divisible by mesh "
                 f"{' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}; choose sharding_axis_dims that divide it"

@@ -16,8 +16,11 @@ from raysft.workers.mesh import global_mesh, param_sharding
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
-from raysft.workers.models.loading import load_params
-from raysft.workers.models.lora import LoraSettings, check_rank, initial_adapters, is_adapter, resolve_modules
+from raysft.workers.models.loading import load_params, load_quantized
+from raysft.workers.models.lora import (
+    LAYER_MODULES, LoraSettings, check_rank, initial_adapters, is_adapter, projection_dims, resolve_modules,
+)
+from raysft.workers.models.quantization import Quantization, is_codes, is_scale
 from raysft.workers.models.params import ParamLayout
 from raysft.workers.models.peft import read_adapter, save_adapter
 from raysft.workers.models.runtime import ModelRuntime
@@ -58,7 +61,14 @@ class ShardedModel:
         and the bytes this host read."""
         names = set(self.layout.names if names is None else names)
         base = {n: s for n, s in self.layout.shapes.items() if n in names and not is_adapter(n)}
-        params, read = load_params(self.model_dir, dataclasses.replace(self.layout, shapes=base), self._sharding_for)
+        quantized = {n: s for n, s in base.items() if is_scale(n) or is_codes(n, base)}
+        plain = {n: s for n, s in base.items() if n not in quantized}
+        params, read = load_params(self.model_dir, dataclasses.replace(self.layout, shapes=plain), self._sharding_for)
+        if quantized:
+            codes, read_codes = load_quantized(
+                self.model_dir, quantized, self.lora.quantization, jnp.dtype(spec.param_dtype), self._sharding_for
+            )
+            params, read = {**params, **codes}, read + read_codes
         adapters = {n: s for n, s in self.layout.shapes.items() if n in names and is_adapter(n)}
         if adapters and spec.lora_init_from:
             params.update(read_adapter(spec.lora_init_from, self.lora, self.config, adapters, self._sharding_for))
@@ -104,4 +114,10 @@ def lora_settings(spec: TrainSpec, config: ModelConfig) -> LoraSettings | None:
         return None
     modules = resolve_modules(spec.lora_target_modules, config)
     check_rank(spec.lora_rank, config, modules)
-    return LoraSettings(spec.lora_rank, spec.lora_alpha, spec.lora_dropout, modules)
+    quantization = None
+    if spec.quantize_base:
+        quantization = Quantization(spec.quantize_base, spec.quantization_block_size)
+        for kind, (fan_in, _) in projection_dims(config).items():
+            if kind in LAYER_MODULES:
+                quantization.check(fan_in, kind)
+    return LoraSettings(spec.lora_rank, spec.lora_alpha, spec.lora_dropout, modules, quantization)

@@ -17,7 +17,8 @@ _TRAJECTORY_FIELDS = (
     "total_batch_size", "num_train_epochs", "max_training_steps", "learning_rate", "learning_rate_end",
     "scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay", "clip_grad", "seed", "dtype",
     "param_dtype", "z_loss", "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "lora_init_from", "trainable_parameters", "frozen_parameters", "unfreeze_schedule",
+    "lora_init_from", "quantize_base", "quantization_block_size", "trainable_parameters", "frozen_parameters",
+    "unfreeze_schedule",
 )
 
 
@@ -77,6 +78,8 @@ class TrainSpec:
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] = "all-linear"
     lora_init_from: str | None = None
+    quantize_base: str | None = None  # QLoRA: "int8" or "nf4"
+    quantization_block_size: int = 64
     trainable_parameters: list[str] | None = None
     frozen_parameters: list[str] | None = None
     unfreeze_schedule: dict | None = None  # {"layers": N, "every_steps": K} or {"layers": N, "every_epochs": E}

@@ -17,6 +17,7 @@ from typing import Iterable
 
 from raysft.workers.models.lora import is_adapter
 from raysft.workers.models.params import hf_tensors, is_stacked
+from raysft.workers.models.quantization import is_codes, is_scale
 
 
 class FreezingError(ValueError):
@@ -75,7 +76,8 @@ class TrainableSet:
         train with the adapters), without LoRA they are the only ones trained.
         `frozen_patterns` freezes what they match. With `unfreeze_layers` N, the top N
         decoder layers train from step 0 and N more every `unfreeze_every_steps` steps."""
-        shapes = {name: tuple(s.shape) if hasattr(s, "shape") else tuple(s) for name, s in shapes.items()}
+        codes = {name for name in shapes if is_codes(name, shapes)}
+        shapes = {name: tuple(s.shape) if hasattr(s, "shape") else tuple(s) for name, s in shapes.items() if not is_scale(name)}
         counts = {name: _size(shape) for name, shape in shapes.items()}
         chosen = {name for name in shapes if is_adapter(name)} if lora else set(shapes)
         if trainable_patterns:
@@ -85,6 +87,11 @@ class TrainableSet:
             chosen -= _select(shapes, frozen_patterns, "frozen_parameters")
         if not chosen:
             raise FreezingError("the freezing settings leave no parameter to train")
+        if chosen & codes:
+            raise FreezingError(
+                f"{hf_names(min(chosen & codes), shapes[min(chosen & codes)])[0]} would train, and quantize_base "
+                "holds it as codes; QLoRA trains adapters (and unquantized parameters: embeddings, norms, lm_head) only"
+            )
         order = [name for name in shapes if name in chosen]
         if not unfreeze_layers:
             return cls(((0, tuple(order)),), sum(counts.values()), counts)

@@ -20,6 +20,7 @@ from raysft.data.locations import is_object_storage, make_dir
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
 from raysft.workers.models.lora import is_adapter, merged_kernel
 from raysft.workers.models.params import hf_tensors, is_stacked
+from raysft.workers.models.quantization import Quantization, dequantize, is_codes, is_scale, scale_name
 
 SHARD_BYTES = 5 * 1000**3
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -34,16 +35,24 @@ def _gather_program(replicated: NamedSharding, dtype, stacked: bool) -> Callable
     return jax.jit(take, out_shardings=replicated)
 
 
+def _materialise(kernel, scales, adapter, quantization, lora_scale):
+    """A kernel as transformers holds it: dequantized (QLoRA's base), its LoRA adapter merged."""
+    if scales is not None:
+        kernel = dequantize(kernel, scales, quantization)
+    return merged_kernel(kernel, *adapter, lora_scale) if adapter else kernel
+
+
 @functools.lru_cache(maxsize=None)
-def _merge_program(replicated: NamedSharding, dtype, stacked: bool, scale: float) -> Callable:
-    """A kernel with its LoRA adapter merged in (one layer of a stacked one), gathered."""
+def _materialise_program(replicated: NamedSharding, dtype, stacked: bool, quantization, lora_scale) -> Callable:
+    """`_materialise` (of one layer of a stacked kernel), gathered."""
 
-    def merge(kernel, lora_a, lora_b, *layer):
+    def program(kernel, scales, adapter, *layer):
         if stacked:
-            kernel, lora_a, lora_b = (jax.lax.dynamic_index_in_dim(x, layer[0], keepdims=False) for x in (kernel, lora_a, lora_b))
-        return merged_kernel(kernel, lora_a, lora_b, scale).astype(dtype)
+            kernel, scales, adapter = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer[0], keepdims=False),
+                                                   (kernel, scales, adapter))
+        return _materialise(kernel, scales, adapter, quantization, lora_scale).astype(dtype)
 
-    return jax.jit(merge, out_shardings=replicated)
+    return jax.jit(program, out_shardings=replicated)
 
 
 def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
@@ -60,21 +69,23 @@ def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
 def _to_host(
     name: str, params: dict[str, jax.Array], layer: int, dtype: str, writer: bool, lora_scale: float | None = None
 ) -> np.ndarray | None:
-    """One layer (or the whole) of a parameter on the writing host, with its LoRA adapter
-    merged where `params` holds one. A collective on multi-device meshes: every process
+    """One layer (or the whole) of a parameter on the writing host, dequantized and with its
+    LoRA adapter merged where `params` holds them. A collective on multi-device meshes: every process
     calls it for every piece."""
     array, stem = params[name], name.rsplit(".", 1)[0]
     adapted = lora_scale and name.endswith(".kernel") and f"{stem}.lora_a" in params
-    adapter = [params[f"{stem}.lora_a"], params[f"{stem}.lora_b"]] if adapted else []
+    adapter = (params[f"{stem}.lora_a"], params[f"{stem}.lora_b"]) if adapted else ()
+    scales = params[scale_name(name)] if is_codes(name, params) else None
+    quantization = Quantization.of(array, scales) if scales is not None else None
     stacked = is_stacked(name)
     if len(array.sharding.device_set) == 1:
-        pieces = [x[layer] if stacked else x for x in (array, *adapter)]
-        host = np.asarray(merged_kernel(*pieces, lora_scale) if adapter else pieces[0])
+        kernel, scales, adapter = jax.tree.map(lambda x: x[layer] if stacked else x, (array, scales, adapter))
+        host = np.asarray(_materialise(kernel, scales, adapter, quantization, lora_scale))
         return host.astype(EXPORT_DTYPES[dtype]) if writer else None
-    if adapter:
+    if adapter or scales is not None:
         replicated = NamedSharding(array.sharding.mesh, P())
-        program = _merge_program(replicated, jnp.dtype(EXPORT_DTYPES[dtype]), stacked, lora_scale)
-        out = program(array, *adapter, *((np.int32(layer),) if stacked else ()))
+        program = _materialise_program(replicated, jnp.dtype(EXPORT_DTYPES[dtype]), stacked, quantization, lora_scale)
+        out = program(array, scales, adapter, *((np.int32(layer),) if stacked else ()))
     else:
         program, _ = layer_gather(name, array, dtype)
         out = program(array, np.int32(layer)) if stacked else program(array)
@@ -113,13 +124,14 @@ def save_pretrained(
 ) -> None:
     """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`
     (a local directory or an object-storage prefix); LoRA adapters in `params` are merged
-    into their kernels (`lora_scale`: alpha / r).
+    into their kernels (`lora_scale`: alpha / r), a QLoRA base dequantized first: the
+    model as it trained.
 
     Call on every process; only process 0 writes. Parameters are gathered one layer at a
     time and each file is written as soon as its tensors are gathered, so a device holds
     at most one layer's extra copy and the host one file's worth of weights.
     """
-    base = [name for name in params if not is_adapter(name)]
+    base = [name for name in params if not is_adapter(name) and not is_scale(name)]
     write_tensors(params, out_dir, dtype, base, lora_scale=lora_scale)
     if jax.process_index() == 0:
         config = dict(hf_config, torch_dtype=dtype, dtype=dtype)

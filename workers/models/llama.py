@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raysft.workers.models.config import ModelConfig
-from raysft.workers.models.lora import LoRALinear, LoraSettings, child_key, project
+from raysft.workers.models.lora import LoraSettings, child_key, linear, project
 from raysft.workers.models.runtime import ModelRuntime
 
 
@@ -44,10 +44,7 @@ def apply_rope(x_BxTxNxK, cos_BxTxK, sin_BxTxK):
 
 
 def _linear(fan_in, fan_out, *, bias=False, dtype, param_dtype, rngs, lora: LoraSettings | None = None, kind=""):
-    kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    if lora is not None and kind in lora.modules:
-        return LoRALinear(fan_in, fan_out, lora, **kw)
-    return nnx.Linear(fan_in, fan_out, **kw)
+    return linear(fan_in, fan_out, kind, lora, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):

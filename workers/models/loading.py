@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from raysft.workers.models.config import ModelLoadError
 from raysft.workers.models.params import ParamLayout, hf_tensors, is_stacked
+from raysft.workers.models.quantization import Quantization, is_codes, quantize_program, scale_name
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -92,4 +93,26 @@ def load_params(
         name: reader.read(name, abstract, sharding_for(name, abstract.shape))
         for name, abstract in layout.shapes.items()
     }
+    return params, reader.bytes_read
+
+
+def load_quantized(
+    model_dir: Path,
+    shapes: dict[str, jax.ShapeDtypeStruct],
+    quantization: Quantization,
+    read_dtype,
+    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding],
+) -> tuple[dict[str, jax.Array], int]:
+    """QLoRA's base: each kernel of `shapes` read in `read_dtype` and quantized at once
+    into its codes and `kernel_scale` (both in `shapes`), one kernel at a time, so a device
+    holds at most one full-precision kernel besides the codes."""
+    reader = ParamReader(model_dir)
+    params = {}
+    for name, abstract in shapes.items():
+        if is_codes(name, shapes):
+            scale = scale_name(name)
+            full = reader.read(name, jax.ShapeDtypeStruct(abstract.shape, read_dtype), sharding_for(name, abstract.shape))
+            out = (sharding_for(name, abstract.shape), sharding_for(scale, shapes[scale].shape))
+            params[name], params[scale] = quantize_program(quantization, out)(full)
+            full.delete()
     return params, reader.bytes_read

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raysft.workers.models.config import ModelConfig
+from raysft.workers.models.quantization import Quantization, QuantizedLinear
 
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -36,6 +37,7 @@ class LoraSettings:
     alpha: float
     dropout: float
     modules: tuple[str, ...]  # adapted projections, the same in every decoder layer
+    quantization: Quantization | None = None  # QLoRA: every decoder-layer projection's base
 
     @property
     def scale(self) -> float:
@@ -93,9 +95,9 @@ def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ..
     return tuple(kinds)
 
 
-def check_rank(rank: int, cfg: ModelConfig, modules: tuple[str, ...]) -> None:
-    """A rank past the smallest adapted dimension adds no capacity, only parameters."""
-    dims = {
+def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each projection kind."""
+    return {
         "q_proj": (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim),
         "k_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim),
         "v_proj": (cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim),
@@ -105,17 +107,21 @@ def check_rank(rank: int, cfg: ModelConfig, modules: tuple[str, ...]) -> None:
         "down_proj": (cfg.intermediate_size, cfg.hidden_size),
         "lm_head": (cfg.hidden_size, cfg.vocab_size),
     }
+
+
+def check_rank(rank: int, cfg: ModelConfig, modules: tuple[str, ...]) -> None:
+    """A rank past the smallest adapted dimension adds no capacity, only parameters."""
+    dims = projection_dims(cfg)
     smallest = min(min(dims[m]) for m in modules)
     if rank > smallest:
         raise ValueError(f"lora_rank {rank} is larger than the smallest adapted dimension ({smallest}) of {', '.join(modules)}")
 
 
-class LoRALinear(nnx.Linear):
-    """`nnx.Linear` plus `(alpha / r) * dropout(x) A B`; `B` starts at zero, so the adapted
-    model starts as the base model (`A` as PEFT draws it: uniform in +-1/sqrt(in))."""
+class Adapted:
+    """Adds `(alpha / r) * dropout(x) A B` to a projection's output; `B` starts at zero, so
+    the adapted model starts as the base model (`A` as PEFT draws it: uniform in +-1/sqrt(in))."""
 
-    def __init__(self, fan_in: int, fan_out: int, lora: LoraSettings, *, rngs: nnx.Rngs, **kwargs):
-        super().__init__(fan_in, fan_out, rngs=rngs, **kwargs)
+    def _add_adapters(self, fan_in: int, fan_out: int, lora: LoraSettings, rngs: nnx.Rngs) -> None:
         bound = 1.0 / fan_in**0.5
         self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (fan_in, lora.rank), ADAPTER_DTYPE, -bound, bound))
         self.lora_b = nnx.Param(jnp.zeros((lora.rank, fan_out), ADAPTER_DTYPE))
@@ -130,9 +136,32 @@ class LoRALinear(nnx.Linear):
         return y + (x @ a) @ b * jnp.asarray(self.lora_scale, x.dtype)
 
 
-def project(linear: nnx.Linear, x, dropout_key=None):
+class LoRALinear(Adapted, nnx.Linear):
+    def __init__(self, fan_in: int, fan_out: int, lora: LoraSettings, *, rngs: nnx.Rngs, **kwargs):
+        nnx.Linear.__init__(self, fan_in, fan_out, rngs=rngs, **kwargs)
+        self._add_adapters(fan_in, fan_out, lora, rngs)
+
+
+class QLoRALinear(Adapted, QuantizedLinear):
+    def __init__(self, fan_in: int, fan_out: int, lora: LoraSettings, *, rngs: nnx.Rngs, **kwargs):
+        QuantizedLinear.__init__(self, fan_in, fan_out, lora.quantization, rngs=rngs, **kwargs)
+        self._add_adapters(fan_in, fan_out, lora, rngs)
+
+
+def linear(fan_in: int, fan_out: int, kind: str, lora: LoraSettings | None, **kwargs) -> nnx.Module:
+    """Projection `kind` of a decoder layer (or `lm_head`): plain, adapted where LoRA
+    targets it, its base quantized under QLoRA (every decoder-layer projection)."""
+    adapted = lora is not None and kind in lora.modules
+    if lora is not None and lora.quantization is not None and kind in LAYER_MODULES:
+        if adapted:
+            return QLoRALinear(fan_in, fan_out, lora, **kwargs)
+        return QuantizedLinear(fan_in, fan_out, lora.quantization, **kwargs)
+    return LoRALinear(fan_in, fan_out, lora, **kwargs) if adapted else nnx.Linear(fan_in, fan_out, **kwargs)
+
+
+def project(module: nnx.Module, x, dropout_key=None):
     """`linear(x)`, with LoRA dropout drawn from `dropout_key` where it is adapted."""
-    return linear(x, dropout_key) if isinstance(linear, LoRALinear) else linear(x)
+    return module(x, dropout_key) if isinstance(module, Adapted) else module(x)
 
 
 def child_key(key, index: int):

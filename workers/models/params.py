@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from raysft.workers.models.quantization import stored_bytes
+
 
 def _key_name(entry) -> str:
     for attr in ("key", "name", "idx"):
@@ -51,7 +53,7 @@ class ParamLayout:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.size * s.dtype.itemsize for s in self.shapes.values())
+        return sum(stored_bytes(s.size, s.dtype) for s in self.shapes.values())
 
     @property
     def names(self) -> list[str]:

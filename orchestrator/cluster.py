@@ -29,11 +29,18 @@ def _connect(num_hosts: int) -> None:
     # Logical CPUs beyond the cores, so the Train controller, the workers and the Ray
     # Data tasks never wait on each other for a slot on a small machine. The dashboard
     # serves Ray's state API, which Ray Train polls; it listens on localhost only.
+    local = {}
+    stale = _unreachable_ray_start_address()
+    if stale:
+        warnings.warn(f"the Ray cluster last started on this machine with `ray start` ({stale}) is gone; "
+                      "starting an embedded Ray instead", stacklevel=3)
+        local = {"address": "local"}
     try:
         ray.init(
             num_cpus=max(8, 2 * (os.cpu_count() or 1), 2 * num_hosts + 4),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            **local,
         )
     except ValueError as err:
         # Ray found a cluster started here with `ray start` (before connecting to it) and
@@ -41,3 +48,22 @@ def _connect(num_hosts: int) -> None:
         if "existing cluster" not in str(err):
             raise
         ray.init()
+
+
+def _unreachable_ray_start_address() -> str | None:
+    """The address `ray start` left on this machine when nothing listens there any more
+    (a cluster that crashed, or was stopped without `ray stop`): `ray.init()` would wait
+    for it for ever instead of starting Ray here."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address  # where ray.init() looks
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return None
+    except (OSError, ValueError):
+        return address

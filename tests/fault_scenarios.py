@@ -38,7 +38,7 @@ def host(out_dir: Path) -> dict:
     cache = out_dir / "node-caches" / uuid.uuid4().hex[:8]
     return {"num_cpus": 1, "resources": {"raysft_host": 1}, "env_vars": {"RAYSFT_CACHE": str(cache)}}
 SAVE_STEPS = 5
-STEPS = 60
+STEPS = 30
 
 
 def config(save_directory: str, **overrides) -> rs.SFTConfig:

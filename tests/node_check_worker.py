@@ -48,15 +48,21 @@ def main(save_dir: str, model_dir: str, shared_save_dir: str, data: str) -> None
     )
     mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(p)}" for p in (save_dir, model_dir))
     ray_start = f"exec {shlex.quote(str(Path(sys.executable).parent / 'ray'))} start --address={cluster.address} --num-cpus=2 --block"
-    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && {ray_start}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray.init(address=cluster.address)
+    node = None
     try:
-        deadline = time.time() + 120
-        while sum(n["Alive"] for n in ray.nodes()) < 2:
-            if time.time() > deadline or node.poll() is not None:
-                raise SystemExit(f"the namespaced node did not join (exit {node.poll()})")
-            time.sleep(0.5)
+        # A raylet may die while registering on a loaded machine: start it again (3 tries).
+        for attempt in range(3):
+            node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && {ray_start}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.time() + 120
+            while sum(n["Alive"] for n in ray.nodes()) < 2 and node.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            if sum(n["Alive"] for n in ray.nodes()) >= 2:
+                break
+            _stop(node)
+        else:
+            raise SystemExit(f"the namespaced node did not join in 3 tries (exit {node.poll()})")
         import raysft as rs
 
         def config(save_directory: str):
@@ -70,12 +76,25 @@ def main(save_dir: str, model_dir: str, shared_save_dir: str, data: str) -> None
         }))
     finally:
         ray.shutdown()
-        os.killpg(node.pid, signal.SIGTERM)  # ray start --block stops its raylet and workers
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
+        if node is not None:
+            _stop(node)
         cluster.shutdown()
+        # `ray start` wrote this cluster's address where a plain `ray.init()` looks for one.
+        address_file = Path("/tmp/ray/ray_current_cluster")
+        if address_file.is_file() and address_file.read_text().strip() == cluster.address:
+            address_file.unlink()
+
+
+def _stop(node: subprocess.Popen) -> None:
+    """`ray start --block` stops its raylet and workers on SIGTERM; its group is killed
+    after a minute, or at once where it has already gone."""
+    try:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ from raysft.data.stall import Stalled
 def stuck(row):  # a read that never returns, as on a dead mount
     time.sleep(600)
 
-ray.init(num_cpus=2)
+ray.init(address="local", num_cpus=2)  # never a cluster another test started here
 start = time.perf_counter()
 try:
     prepare_dataset(Path(sys.argv[1]), Path(sys.argv[2]), DataSettings(seq_len=32), Path(sys.argv[3]),

@@ -47,7 +47,7 @@ def _assert_resumed_bit_identical(base: dict, killed: dict) -> None:
     # The second attempt starts from the latest checkpoint there was (one committed
     # between the listing and the kill is later still).
     assert starts[0] == 0 and starts[1] >= latest_at_kill >= 10
-    assert killed["summary"]["start_step"] == starts[1] and killed["summary"]["final_step"] == 60
+    assert killed["summary"]["start_step"] == starts[1] and killed["summary"]["final_step"] == 30
     # Each attempt's steps run on from where it started: the first up to the kill (at or
     # past the checkpoint it is resumed from), the second from that checkpoint to the end,
     # so the steps between the checkpoint and the kill are the ones trained twice.
@@ -60,7 +60,7 @@ def _assert_resumed_bit_identical(base: dict, killed: dict) -> None:
             steps.append(record["step"])
     first, second = attempts
     assert first == list(range(1, len(first) + 1)) and len(first) >= starts[1]
-    assert second == list(range(starts[1] + 1, 61))
+    assert second == list(range(starts[1] + 1, 31))
     _assert_bit_identical(_params(base["export_dir"]), _params(killed["export_dir"]))
 
 
@@ -104,9 +104,9 @@ def test_run_on_object_storage_keeps_everything_in_the_bucket(scenarios):
     assert len(readers) == 3, killed["node_caches"]
     steps = {int(f.split("/")[1]) for f in files if f.startswith("checkpoints/") and f.endswith("/commit_success.txt")
              and f.count("/") == 2}
-    assert max(steps) == 60
+    assert max(steps) == 30
     # `raysft export` of the latest checkpoint in the bucket: the weights training exported.
-    assert "export-step-60/model.safetensors" in files
+    assert "export-step-30/model.safetensors" in files
     _assert_bit_identical(_params(killed["export_dir"]), _params(killed["exported_latest"]))
 
 
@@ -120,7 +120,7 @@ def test_drained_node_saves_at_once_and_restarts_as_preemption(scenarios):
     starts = [r["start_step"] for r in drained["records"] if r["event"] == "start"]
     # The preemption checkpoint is off the save_steps grid and the next attempt starts there.
     assert len(preempted) == 1 and starts == [0, preempted[0]]
-    assert drained["summary"]["final_step"] == 60
+    assert drained["summary"]["final_step"] == 30
     _assert_bit_identical(_params(base["export_dir"]), _params(drained["export_dir"]))
 
 

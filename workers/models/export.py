@@ -69,9 +69,9 @@ def layer_gather(name: str, array, dtype: str) -> tuple[Callable, tuple]:
 def _to_host(
     name: str, params: dict[str, jax.Array], layer: int, dtype: str, writer: bool, lora_scale: float | None = None
 ) -> np.ndarray | None:
-    """One layer (or the whole) of a parameter on the writing host, dequantized and with its
-    LoRA adapter merged where `params` holds them. A collective on multi-device meshes: every process
-    calls it for every piece."""
+    """One layer (or the whole) of a parameter on the writing host, dequantized and with
+    its LoRA adapter merged where `params` holds them. A collective on multi-device
+    meshes: every process calls it for every piece."""
     array, stem = params[name], name.rsplit(".", 1)[0]
     adapted = lora_scale and name.endswith(".kernel") and f"{stem}.lora_a" in params
     adapter = (params[f"{stem}.lora_a"], params[f"{stem}.lora_b"]) if adapted else ()

@@ -3,7 +3,8 @@
 An adapted projection `y = x W` becomes `y = x W + (alpha / r) * dropout(x) A B` with
 `A` [in, r] and `B` [r, out] (`q_proj.lora_a`, `q_proj.lora_b`, next to `q_proj.kernel`),
 so sharding rules, checkpoints and the optimizer address adapters by name like any other
-parameter, and the frozen base is never differentiated.
+parameter, and the frozen base is never differentiated. Under QLoRA the base is a
+`QuantizedLinear` (`workers.models.quantization`) with the same adapters.
 
 Written here rather than with qwix's LoRA provider: qwix creates adapters by intercepting
 the model's matmuls on a first call with real inputs, while raysft declares every
@@ -160,7 +161,7 @@ def linear(fan_in: int, fan_out: int, kind: str, lora: LoraSettings | None, **kw
 
 
 def project(module: nnx.Module, x, dropout_key=None):
-    """`linear(x)`, with LoRA dropout drawn from `dropout_key` where it is adapted."""
+    """`module(x)`, with LoRA dropout drawn from `dropout_key` where it is adapted."""
     return module(x, dropout_key) if isinstance(module, Adapted) else module(x)
 
 

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ["model_step.py", "train_throughput.py", "trainer_throughput.py", "generation.py", "data_pipeline.py", "recovery.py"]
+BENCHMARKS = [
+    "model_step.py", "train_throughput.py", "trainer_throughput.py", "lora_step.py", "quantized_base_loss.py", "generation.py",
+    "data_pipeline.py", "recovery.py",
+]
 
 
 def last_json_object(stdout: str) -> dict:

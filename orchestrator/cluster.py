@@ -3,6 +3,7 @@ with `ray start`, or else an embedded local one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -32,8 +33,11 @@ def _connect(num_hosts: int) -> None:
     local = {}
     stale = _unreachable_ray_start_address()
     if stale:
-        warnings.warn(f"the Ray cluster last started on this machine with `ray start` ({stale}) is gone; "
-                      "starting an embedded Ray instead", stacklevel=3)
+        # With Ray's own lines (run_dir/logs/ray.log, the console with --verbose): what
+        # happens next is what happens where no cluster was ever started.
+        logging.getLogger("ray").warning(
+            "the cluster `ray start` last started on this machine (%s) does not answer; starting an embedded Ray", stale
+        )
         local = {"address": "local"}
     try:
         ray.init(

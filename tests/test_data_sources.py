@@ -254,13 +254,14 @@ def test_preparation_without_progress_stops_with_an_error(tmp_path, tokenizer_di
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}] * 4)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", STALLED_PREPARATION, str(data), str(tokenizer_dir), str(tmp_path / "store")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     seconds, message = run.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert message.startswith(f"{data}: data preparation made no progress for 3 s while reading and encoding (")
+    assert message.startswith(f"{data}: data preparation made no progress for 3 s while reading and encoding ("), run.stdout
     assert " of 2 CPUs free)" in message
     assert message.endswith("CPUs free): a stuck read, or no node with CPUs to run on; data_timeout_s sets this limit")
-    assert float(seconds) < 60
+    # The 3 s run from the first read; starting Ray Data on a loaded 2-core machine comes before.
+    assert float(seconds) < 240, run.stdout
     assert not any((tmp_path / "store").iterdir())  # nothing half-prepared left behind
 
 

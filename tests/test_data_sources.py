@@ -252,7 +252,9 @@ def test_preparation_without_progress_stops_with_an_error(tmp_path, tokenizer_di
     import sys
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}] * 4)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The stuck read's thread outlives the error; at exit, once Ray is shut down, its next
+    # Ray call would start (or join, where another test's cluster runs) a Ray of its own.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_AUTO_CONNECT": "0"}
     run = subprocess.run([sys.executable, "-c", STALLED_PREPARATION, str(data), str(tokenizer_dir), str(tmp_path / "store")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -44,7 +44,7 @@ def main() -> None:
     from raysft.workers.models.config import ModelConfig, read_hf_config
     from raysft.workers.models.loading import load_params, load_quantized
     from raysft.workers.models.lora import LAYER_MODULES, LoraSettings, initial_adapters, is_adapter
-    from raysft.workers.models.quantization import Quantization, is_codes, is_scale
+    from raysft.workers.models.quantization import Quantization, quantized_part
     from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.models.source import ModelSource
 
@@ -66,7 +66,7 @@ def main() -> None:
         lora = LoraSettings(16, 32.0, 0.0, LAYER_MODULES, quantization)
         layout = build_layout(cfg, jnp.bfloat16, jnp.bfloat16, ModelRuntime(), lora)
         shapes = layout.shapes
-        quantized = {n: s for n, s in shapes.items() if is_scale(n) or is_codes(n, shapes)}
+        quantized = quantized_part(shapes)
         plain = {n: s for n, s in shapes.items() if n not in quantized and not is_adapter(n)}
         params, _ = load_params(model_dir, dataclasses.replace(layout, shapes=plain), lambda n, s: device)
         if quantized:

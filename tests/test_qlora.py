@@ -19,7 +19,9 @@ from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained
 from raysft.workers.models.loading import load_params, load_quantized
 from raysft.workers.models.lora import LAYER_MODULES, LoraSettings, initial_adapters, is_adapter
-from raysft.workers.models.quantization import NF4_LEVELS, Quantization, dequantize, is_codes, is_scale, quantize
+from raysft.workers.models.quantization import (
+    NF4_LEVELS, Quantization, dequantize, is_codes, is_scale, quantize, quantized_part,
+)
 from raysft.workers.models.runtime import ModelRuntime
 from raysft.workers.trainable import FreezingError
 
@@ -66,7 +68,7 @@ def _load(model_dir, lora: LoraSettings, scan_layers: bool, seed: int = 1):
     cfg = ModelConfig.from_hf_dict(read_hf_config(model_dir / "config.json"))
     layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime(scan_layers=scan_layers), lora)
     shapes = layout.shapes
-    quantized = {n: s for n, s in shapes.items() if is_scale(n) or is_codes(n, shapes)}
+    quantized = quantized_part(shapes)
     plain = {n: s for n, s in shapes.items() if n not in quantized and not is_adapter(n)}
     params, _ = load_params(model_dir, dataclasses.replace(layout, shapes=plain), lambda name, shape: DEVICE)
     if quantized:

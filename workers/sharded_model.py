@@ -20,7 +20,7 @@ from raysft.workers.models.loading import load_params, load_quantized
 from raysft.workers.models.lora import (
     LAYER_MODULES, LoraSettings, check_rank, initial_adapters, is_adapter, projection_dims, resolve_modules,
 )
-from raysft.workers.models.quantization import Quantization, is_codes, is_scale
+from raysft.workers.models.quantization import Quantization, quantized_part
 from raysft.workers.models.params import ParamLayout
 from raysft.workers.models.peft import read_adapter, save_adapter
 from raysft.workers.models.runtime import ModelRuntime
@@ -61,7 +61,7 @@ class ShardedModel:
         and the bytes this host read."""
         names = set(self.layout.names if names is None else names)
         base = {n: s for n, s in self.layout.shapes.items() if n in names and not is_adapter(n)}
-        quantized = {n: s for n, s in base.items() if is_scale(n) or is_codes(n, base)}
+        quantized = quantized_part(base)
         plain = {n: s for n, s in base.items() if n not in quantized}
         params, read = load_params(self.model_dir, dataclasses.replace(self.layout, shapes=plain), self._sharding_for)
         if quantized:

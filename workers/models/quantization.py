@@ -72,6 +72,11 @@ def is_codes(name: str, names) -> bool:
     return name.endswith(".kernel") and scale_name(name) in names
 
 
+def quantized_part(shapes: dict) -> dict:
+    """The entries of `shapes` that are codes or their scales (what `load_quantized` reads)."""
+    return {n: s for n, s in shapes.items() if is_scale(n) or is_codes(n, shapes)}
+
+
 def _blocks(x, block: int):
     """[..., in, out] -> [..., in / block, block, out]."""
     *lead, fan_in, fan_out = x.shape

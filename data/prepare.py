@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,6 @@ from etils import epath
 
 from raysft.data import mixture, sources
 from raysft.data.chat import require_chat_template
-from raysft.data.data_nodes import cpus_matching
 from raysft.data.errors import DataError
 from raysft.data.files import storage_env
 from raysft.data.formats import detect_format
@@ -31,9 +31,12 @@ from raysft.data.rows import Bins, Placements, best_fit_decreasing, bin_placemen
 from raysft.data.settings import DataSettings
 from raysft.data.stall import DEFAULT_TIMEOUT_S, Stalled, until_stalled
 from raysft.data.store import META_FILE, RowStore
-from raysft.data.tokenize import EncodeRows
+from raysft.data.tokenize import encode_rows
 
 CHAT_FORMATS = ("messages", "sharegpt")
+# Ray Data's advice when a source has fewer blocks than encoding tasks may run: a small
+# dataset, not something a user should act on.
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches", category=UserWarning)
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -78,8 +81,8 @@ def prepare_dataset(
     chat template, settings, formatting_func, and a mixture's names, weights, seed and
     stopping rule).
 
-    Reading, encoding (`batch_size` rows per batch, in a pool of tokenizer actors that
-    grows with the cluster's CPUs up to `num_proc`) and row writing (`shard_rows` rows per
+    Reading, encoding (`batch_size` rows per batch, in tasks that spread over the
+    cluster's CPUs, at most `num_proc` at once) and row writing (`shard_rows` rows per
     task; by default ~128 MiB shards) all run in Ray tasks; the driver gets each
     document's length and place, mixes and plans the rows and collects the stats. No
     progress for `timeout_s` (no encoded batch, no row shard written) ends it with
@@ -103,7 +106,8 @@ def prepare_dataset(
     parts = mixture.parts(source)
     srcs = [sources.resolve(part.source, hub_options) for part in parts]  # datasets are made later, by `read()`
     weights = [part.weight for part in parts] if parts[0].weight is not None else None
-    identity = [tokenizer_fingerprint(local_tokenizer), dataclasses.asdict(settings),
+    tokenizer_key = tokenizer_fingerprint(local_tokenizer)
+    identity = [tokenizer_key, dataclasses.asdict(settings),
                 _function_fingerprint(formatting_func), STORE_FORMAT]
     if mixture.is_mixture(source):
         identity.append([[part.name for part in parts], weights, mixture_seed if weights else None,
@@ -120,7 +124,7 @@ def prepare_dataset(
     make_dir(docs_dir)
     try:
         encoded = [
-            _encode(src, fmt, docs_dir, tokenizer_dir, settings, formatting_func, batch_size, num_proc, label_selector,
+            _encode(src, fmt, docs_dir, tokenizer_dir, tokenizer_key, settings, formatting_func, batch_size, num_proc,
                     env, timeout_s, report)
             for src, fmt in zip(srcs, formats)
         ]
@@ -177,8 +181,8 @@ def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func
     return formats
 
 
-def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, settings: DataSettings, formatting_func,
-            batch_size: int, num_proc: int | None, label_selector, env: dict, timeout_s: float,
+def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, tokenizer_key: str,
+            settings: DataSettings, formatting_func, batch_size: int, num_proc: int | None, env: dict, timeout_s: float,
             report) -> tuple[Documents, dict]:
     """One source's documents, encoded by Ray Data tasks into `docs_dir`, and its stats."""
     # Same documents in the same order on every run (the packing plan depends on it):
@@ -186,15 +190,15 @@ def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, 
     # which then holds finished batches back behind slower ones.
     ray.data.DataContext.get_current().execution_options.preserve_order = not src.numbered
     encoded = src.read().map_batches(
-        EncodeRows,
-        fn_constructor_kwargs=dict(
-            tokenizer_dir=str(tokenizer_dir), settings=dataclasses.asdict(settings), fmt=fmt, parts=src.parts,
-            docs_dir=str(docs_dir), formatting_func=formatting_func, hash_rows=src.fingerprint is None,
+        encode_rows,
+        fn_kwargs=dict(
+            tokenizer_dir=str(tokenizer_dir), tokenizer_key=tokenizer_key, settings=dataclasses.asdict(settings),
+            fmt=fmt, parts=src.parts, docs_dir=str(docs_dir), formatting_func=formatting_func,
+            hash_rows=src.fingerprint is None,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",
-        # Each actor pays the tokenizer load once; the pool grows with the cluster's CPUs.
-        compute=_encoder_pool(num_proc, label_selector),
+        compute=ray.data.TaskPoolStrategy(size=_encoders(num_proc)),
         num_cpus=1,
         runtime_env={"env_vars": env} if env else None,
     )
@@ -245,16 +249,15 @@ def _mixture_stats(parts, srcs, formats, encoded, taken) -> dict:
 STORE_FORMAT = "row shards v2"
 
 
-def _encoder_pool(num_proc: int | None, selector: dict[str, str] | None) -> ray.data.ActorPoolStrategy:
-    """Tokenizer actors: as many as the nodes data work may use have CPUs now, growing
-    with the cluster, at most `num_proc`. A Ray whose nodes all run on this machine may announce more CPUs than it
-    has cores (the embedded Ray does, so its workers never wait for a slot): there the
-    pool stops at the cores."""
+def _encoders(num_proc: int | None) -> int | None:
+    """The most encoding tasks at once: `num_proc`, else as many as the cluster has CPUs
+    (Ray Data's own limit, growing with the cluster). A Ray whose nodes all run on this
+    machine may announce more CPUs than it has cores (the embedded Ray does, so its workers
+    never wait for a slot): there they stop at the cores."""
     here = ray.util.get_node_ip_address()
     if num_proc is None and all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"]):
-        num_proc = os.cpu_count() or 1
-    now = max(int(min(ray.available_resources().get("CPU", 1), cpus_matching(selector))), 1)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=num_proc, initial_size=min(now, num_proc or now))
+        return os.cpu_count() or 1
+    return num_proc
 
 
 def _fingerprint(source_fingerprint: str, identity: list) -> str:

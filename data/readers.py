@@ -49,7 +49,7 @@ def read_files(files: list[str], chunk_bytes: int, newlines: dict[str, list[int]
 
 
 def chunk_bytes(total_bytes: int) -> int:
-    """Several ranges per CPU, so every encoding actor has work from the start."""
+    """Several ranges per CPU, so every encoding task slot has work from the start."""
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
     return int(np.clip(total_bytes // (4 * cpus), MIN_CHUNK_BYTES, MAX_CHUNK_BYTES))
 
@@ -103,7 +103,7 @@ def _first_nonblank_line(stream) -> bytes:
 
 class _Pieces(Datasource):
     """One read task per piece (a byte range, a row group, a file, a stream shard): a read
-    operator of its own, whose blocks the encoding actors then take in batches."""
+    operator of its own, whose blocks the encoding tasks then take in batches."""
 
     def __init__(self, name: str, pieces: list[dict], read: Callable[[dict], Iterator]):
         self._name, self._pieces, self._read = name, pieces, read

@@ -1,6 +1,6 @@
 """Ray Data stage: raw rows to token ids and loss weights, one document per row piece.
 
-Runs in `map_batches` actors, so the tokenizer is loaded once per worker process. Each
+Runs in `map_batches` tasks; the tokenizer is loaded once per worker process. Each
 batch's documents go to one shard of files in `docs_dir` on the shared store (token ids
 and loss weights, back to back); what comes back to the driver is small: per document its
 key (file, row, piece), length and place in the shard, for the packing plan and the stats.
@@ -14,6 +14,7 @@ in any order or split into any batches).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -38,13 +39,27 @@ def doc_file(docs_dir: str | Path, shard: str, name: str) -> epath.Path:
     return location(docs_dir) / f"{shard}.{name}.npy"
 
 
-class EncodeRows:
-    def __init__(self, tokenizer_dir: str, settings: dict, fmt: str, parts: list[str], docs_dir: str,
-                 formatting_func: Callable | None = None, hash_rows: bool = False):
-        from transformers import AutoTokenizer
+@functools.lru_cache(maxsize=4)
+def _encoder(tokenizer_dir: str, tokenizer_key: str, settings: str) -> Encoder:
+    """One per worker process, tokenizer (`tokenizer_key`: its files' content, so a
+    tokenizer saved again at the same place is loaded again) and settings. Ray runs a job's
+    tasks in the same worker processes, so a process loads it once for every batch of
+    every dataset it encodes, where an actor pool starts new processes for each dataset."""
+    from transformers import AutoTokenizer
 
-        self.settings = DataSettings(**settings)
-        self.encoder = Encoder(AutoTokenizer.from_pretrained(local_copy(tokenizer_dir)), self.settings)
+    return Encoder(AutoTokenizer.from_pretrained(local_copy(tokenizer_dir)), DataSettings(**json.loads(settings)))
+
+
+def encode_rows(table, *, tokenizer_dir: str, tokenizer_key: str, settings: dict, **options) -> dict[str, np.ndarray]:
+    """One batch's records (`EncodeRows`), with this process's encoder."""
+    encoder = _encoder(tokenizer_dir, tokenizer_key, json.dumps(settings, sort_keys=True))
+    return EncodeRows(encoder, **options)(table)
+
+
+class EncodeRows:
+    def __init__(self, encoder: Encoder, fmt: str, parts: list[str], docs_dir: str,
+                 formatting_func: Callable | None = None, hash_rows: bool = False):
+        self.encoder, self.settings = encoder, encoder.settings
         self.fmt, self.parts, self.formatting_func = fmt, parts, formatting_func
         self.docs_dir, self.hash_rows = docs_dir, hash_rows
 

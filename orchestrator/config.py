@@ -100,7 +100,7 @@ class SFTConfig(BaseModel):
     data_dir: str | None = Field(None, description="data_dir of a hub dataset_name.")
     dataset_kwargs: dict = Field(default_factory=dict, description="More datasets.load_dataset arguments.")
     max_sequence_length: int = Field(2048, gt=1, description="Row length T in tokens.")
-    dataset_num_proc: int | None = Field(None, gt=0, description="The most tokenizer actors in Ray Data (default: the pool grows with the cluster's CPUs).")
+    dataset_num_proc: int | None = Field(None, gt=0, description="The most encoding tasks at once in Ray Data (default: as many as the cluster has CPUs, growing with it).")
     dataset_batch_size: int = Field(1000, gt=0, description="Rows per tokenization batch.")
 
     # Optimisation

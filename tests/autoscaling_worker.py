@@ -171,8 +171,7 @@ def main(work: Path) -> None:
     results["slice_host_killed"] = train(runs, "killed", model_dir, data, seen, kill=True)
     time.sleep(2)  # the state API learns of finished tasks from the nodes' reports
     tasks = list_tasks(address=address, limit=10000)  # this cluster: the machine may run others
-    data_work = {t.node_id for t in tasks if t.name == "_write_shard" or t.name.startswith("Read")}
-    data_work |= {a.node_id for a in list_actors(address=address, limit=1000) if "EncodeRows" in a.class_name}
+    data_work = {t.node_id for t in tasks if t.name == "_write_shard" or t.name.startswith("Read") or "encode_rows" in t.name}
     trainers = {a.node_id for a in list_actors(address=address, limit=1000) if a.class_name == "RayTrainWorker"}
     deadline = time.time() + 120  # idle_timeout_minutes 0.1: idle nodes go after ~6 s
     while time.time() < deadline and set(node_types().values()) != {"head"}:

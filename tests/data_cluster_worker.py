@@ -1,6 +1,6 @@
 """Prepare one dataset on a local multi-node Ray cluster, in a process of its own (the
 test session holds an embedded Ray). Prints one JSON object: the store's path and, from
-Ray's state API, the nodes that ran reading tasks, encoding actors and row-writing tasks.
+Ray's state API, the nodes that ran reading, encoding and row-writing tasks.
 With TPU_HOSTS, that many more nodes carry the resources and labels of v4-16 slice hosts.
 
     python data_cluster_worker.py NODES DATA TOKENIZER_DIR STORE_ROOT [TPU_HOSTS]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors, list_tasks
+from ray.util.state import list_tasks
 
 from raysft.data.data_nodes import TPU_POD_LABEL, off_tpu_hosts
 from raysft.data.prepare import prepare_dataset
@@ -52,11 +52,13 @@ def main(nodes: int, data: str, tokenizer_dir: str, store_root: str, tpu_hosts: 
     ray.init(address=cluster.address)
     try:
         store = prepare_dataset(Path(data), Path(tokenizer_dir), DataSettings(seq_len=32, packing=True),
-                                Path(store_root), report=None, shard_rows=4, label_selector=off_tpu_hosts())
+                                Path(store_root), report=None, shard_rows=4, label_selector=off_tpu_hosts(),
+                                # Batches enough for both nodes, and more tasks at once than one node has CPUs.
+                                batch_size=8, num_proc=4)
         tasks = _finished_tasks(len(store.meta["shard_rows"]))
         writers = {t.node_id for t in tasks if t.name == "_write_shard"}
         readers = {t.node_id for t in tasks if t.name.startswith("Read")}
-        encoders = {a.node_id for a in list_actors(limit=1000) if "EncodeRows" in a.class_name}
+        encoders = {t.node_id for t in tasks if "encode_rows" in t.name}
         print(json.dumps({
             "store": str(store.path), "worker_nodes": sorted(workers), "tpu_nodes": sorted(tpus),
             "reader_nodes": sorted(readers), "row_writer_nodes": sorted(writers), "encoder_nodes": sorted(encoders),

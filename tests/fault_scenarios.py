@@ -1,7 +1,7 @@
 """Runs on a multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, one
-training worker per node, each node with its own cache): an uninterrupted run, a run
-whose node is drained for preemption, and a run on object storage (a real S3-compatible
-server on 127.0.0.1) whose worker node is killed and replaced mid-training.
+training worker per node, each node with its own cache): an uninterrupted run, and a run
+on object storage (a real S3-compatible server on 127.0.0.1) that loses a node twice:
+one drained for preemption, later one killed and replaced mid-training.
 
 Run as `python fault_scenarios.py OUT_DIR [SCENARIO ...]`; writes OUT_DIR/results.json.
 A separate process, so its cluster never meets the test session's embedded Ray.
@@ -71,8 +71,10 @@ def wait_for_checkpoint(run_dir, step: int, done: threading.Event) -> bool:
     return True
 
 
-def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupt=None, **overrides) -> dict:
-    """Train in a thread; the main thread (which Ray needs to start nodes) interrupts it."""
+def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupts=(), **overrides) -> dict:
+    """Train in a thread; the main thread (which Ray needs to start nodes) interrupts it:
+    each of `interrupts` (checkpoint step, action) once a checkpoint at or after its step
+    is committed."""
     cfg = config(f"{runs_dir}/{name}", **overrides)
     event: dict = {}
     result: dict = {}
@@ -91,11 +93,14 @@ def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupt=N
     started = time.perf_counter()
     thread = threading.Thread(target=run)
     thread.start()
-    if interrupt and wait_for_checkpoint(cfg.run_dir, 2 * SAVE_STEPS, done):
+    for step, interrupt in interrupts:
+        if not wait_for_checkpoint(cfg.run_dir, step, done):
+            break
         try:
             interrupt(event, cfg.run_dir)
         except Exception as err:  # training still ends; the test reports this
             event["error"] = f"{type(err).__name__}: {err}"
+            break
     thread.join()
     if "error" in result:
         return {"error": result["error"], "event": event}
@@ -111,7 +116,7 @@ def train(runs_dir: str, name: str, model_dir: Path, data_dir: Path, interrupt=N
     }
 
 
-SCENARIOS = ("uninterrupted", "node_drained", "node_killed_s3")
+SCENARIOS = ("uninterrupted", "node_drained_then_killed_s3")
 BUCKET = "raysft-runs"
 
 
@@ -142,7 +147,7 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
     nodes = [cluster.add_node(**host(out_dir)) for _ in range(2)]
     ray.init(address=cluster.address)
     # The driver's environment points at the server, the nodes' does not: raysft passes it on.
-    object_runs = f"{serve_bucket(BUCKET)}/runs" if "node_killed_s3" in scenarios else None
+    object_runs = f"{serve_bucket(BUCKET)}/runs" if any(name.endswith("_s3") for name in scenarios) else None
     results = {}
 
     def kill(event: dict, run_dir) -> None:
@@ -166,17 +171,21 @@ def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
 
     try:
         for name in scenarios:
-            # node_killed: the same kill on local storage (benchmarks/recovery.py times it).
-            interrupt = {"node_killed": kill, "node_drained": drain, "node_killed_s3": kill}.get(name)
+            # node_killed and node_drained: one interruption on local storage
+            # (benchmarks/recovery.py times node_killed).
+            interrupts = {
+                "node_killed": [(2 * SAVE_STEPS, kill)], "node_drained": [(2 * SAVE_STEPS, drain)],
+                "node_drained_then_killed_s3": [(2 * SAVE_STEPS, drain), (4 * SAVE_STEPS, kill)],
+            }.get(name, [])
             extra = dict(save_steps=None, do_last_save=False) if name == "no_checkpoints" else {}
-            runs = object_runs if name == "node_killed_s3" else str(out_dir / "runs")
-            results[name] = train(runs, name, model_dir, data_dir, interrupt, **overrides, **extra)
-        if object_runs and "error" not in results["node_killed_s3"]:
+            runs = object_runs if name.endswith("_s3") else str(out_dir / "runs")
+            results[name] = train(runs, name, model_dir, data_dir, interrupts, **overrides, **extra)
+        on_s3 = results.get("node_drained_then_killed_s3", {})
+        if on_s3 and "error" not in on_s3:
             # `raysft export` of the run's latest checkpoint, all from the bucket.
-            exported = export_checkpoint(results["node_killed_s3"]["run_dir"])
-            results["node_killed_s3"]["exported_latest"] = str(local_copy(exported))
-            results["node_killed_s3"]["bucket_files"] = bucket_files()
-            results["node_killed_s3"]["node_caches"] = {
+            on_s3["exported_latest"] = str(local_copy(export_checkpoint(on_s3["run_dir"])))
+            on_s3["bucket_files"] = bucket_files()
+            on_s3["node_caches"] = {
                 node.name: sorted(c.name for c in (node / "copies").glob("*") if c.is_dir())
                 for node in (out_dir / "node-caches").iterdir()
             }

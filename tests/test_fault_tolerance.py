@@ -37,31 +37,15 @@ def scenarios(tmp_path_factory) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _assert_resumed_bit_identical(base: dict, killed: dict) -> None:
-    assert "error" not in killed and "error" not in killed["event"], killed
-    restarts = [r for r in killed["records"] if r["event"] == "restart"]
-    assert [r["kind"] for r in restarts] == ["failure"]
-    assert restarts[0]["cause"].startswith("rank ") and "Actor" in restarts[0]["cause"]  # the lost host's worker
-    starts = [r["start_step"] for r in killed["records"] if r["event"] == "start"]
-    latest_at_kill = max(killed["event"]["checkpoints_at_kill"])
-    # The second attempt starts from the latest checkpoint there was (one committed
-    # between the listing and the kill is later still).
-    assert starts[0] == 0 and starts[1] >= latest_at_kill >= 10
-    assert killed["summary"]["start_step"] == starts[1] and killed["summary"]["final_step"] == 30
-    # Each attempt's steps run on from where it started: the first up to the kill (at or
-    # past the checkpoint it is resumed from), the second from that checkpoint to the end,
-    # so the steps between the checkpoint and the kill are the ones trained twice.
-    attempts, steps = [], None
-    for record in killed["records"]:
+def _attempts(records: list[dict]) -> list[list[int]]:
+    """The steps each attempt trained, in order."""
+    attempts: list[list[int]] = []
+    for record in records:
         if record["event"] == "start":
-            steps = []
-            attempts.append(steps)
+            attempts.append([])
         elif record["event"] == "step":
-            steps.append(record["step"])
-    first, second = attempts
-    assert first == list(range(1, len(first) + 1)) and len(first) >= starts[1]
-    assert second == list(range(starts[1] + 1, 31))
-    _assert_bit_identical(_params(base["export_dir"]), _params(killed["export_dir"]))
+            attempts[-1].append(record["step"])
+    return attempts
 
 
 def _params(export_dir: str) -> dict[str, np.ndarray]:
@@ -78,50 +62,62 @@ def _assert_bit_identical(a: dict, b: dict) -> None:
         assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
 
 
-def test_killed_node_resumes_from_latest_step_bit_identical(scenarios):
-    """The run lives on object storage: a real S3-compatible server (see below)."""
-    _assert_resumed_bit_identical(scenarios["uninterrupted"], scenarios["node_killed_s3"])
+def test_drained_then_killed_node_resumes_each_time_and_ends_bit_identical(scenarios):
+    """One run on object storage (a real S3-compatible server, see below) loses a node
+    twice: drained for preemption after the checkpoint of step 10 (it saves at once, off
+    the save_steps grid, and resumes there), then killed after the checkpoint of step 20
+    (it resumes from the latest checkpoint there was). Its weights end as an uninterrupted
+    run's, bit for bit."""
+    base, run = scenarios["uninterrupted"], scenarios["node_drained_then_killed_s3"]
+    assert "error" not in run and "error" not in run["event"], run
+    restarts = [r for r in run["records"] if r["event"] == "restart"]
+    assert [r["kind"] for r in restarts] == ["preemption", "failure"], restarts
+    assert "Preempted" in restarts[0]["cause"]
+    assert restarts[1]["cause"].startswith("rank ") and "Actor" in restarts[1]["cause"]  # the lost host's worker
+    preempted = [r["step"] for r in run["records"] if r["event"] == "preempted"]
+    starts = [r["start_step"] for r in run["records"] if r["event"] == "start"]
+    latest_at_kill = max(run["event"]["checkpoints_at_kill"])
+    # The second attempt starts at the preemption checkpoint; the third from the latest
+    # checkpoint there was at the kill (one committed between the listing and the kill is
+    # later still).
+    assert len(preempted) == 1 and starts[:2] == [0, preempted[0]] and preempted[0] >= 10
+    assert starts[2] >= latest_at_kill >= 20
+    assert run["summary"]["start_step"] == starts[2] and run["summary"]["final_step"] == 30
+    # Each attempt's steps run on from where it started: the drained one up to its
+    # checkpoint, the killed one up to the kill (at or past the checkpoint the last one
+    # starts from, so the steps in between are trained twice), the last one to the end.
+    first, second, third = _attempts(run["records"])
+    assert first == list(range(1, preempted[0] + 1))
+    assert second == list(range(preempted[0] + 1, preempted[0] + 1 + len(second))) and second[-1] >= starts[2]
+    assert third == list(range(starts[2] + 1, 31))
+    _assert_bit_identical(_params(base["export_dir"]), _params(run["export_dir"]))
 
 
 def test_run_on_object_storage_keeps_everything_in_the_bucket(scenarios):
     """save_directory=s3://... on a real S3-compatible server: checkpoints (orbax), data,
-    tokenizer, run record, summary, report, Ray's log and export all go to the bucket (the killed
-    node above resumed from the checkpoint there); each node reads what it needs into its
-    own cache."""
-    killed = scenarios["node_killed_s3"]
+    tokenizer, run record, summary, report, Ray's log and export all go to the bucket (the run
+    above resumed from the checkpoints there); each node reads what it needs into its own
+    cache."""
+    killed = scenarios["node_drained_then_killed_s3"]
     assert "error" not in killed, killed
-    assert killed["run_dir"] == "s3://raysft-runs/runs/node_killed_s3/fault"
-    files = [f.removeprefix("runs/node_killed_s3/fault/") for f in killed["bucket_files"]]
+    assert killed["run_dir"] == "s3://raysft-runs/runs/node_drained_then_killed_s3/fault"
+    files = [f.removeprefix("runs/node_drained_then_killed_s3/fault/") for f in killed["bucket_files"]]
     for expected in ("run.json", "summary.json", "report/metrics.jsonl", "report/loss.png", "tokenizer/tokenizer.json",
                      "export/model.safetensors", "export/config.json", "export/tokenizer.json", "logs/ray.log"):
         assert expected in files, expected
     stores = {f.split("/")[1] for f in files if f.startswith("data/")}
     assert all(f"data/{s}/meta.json" in files for s in stores) and len(stores) == 1
     assert not any("/.preparing-" in f for f in files)  # the encoded documents are gone
-    # Every training node (the replacement too) read the rows and tokenizer from its own copy.
+    # Every training node (the two replacements too) read the rows and tokenizer from its own copy.
     store = stores.pop()
     readers = [node for node, copies in killed["node_caches"].items() if any(c.startswith(store) for c in copies)]
-    assert len(readers) == 3, killed["node_caches"]
+    assert len(readers) == 4, killed["node_caches"]
     steps = {int(f.split("/")[1]) for f in files if f.startswith("checkpoints/") and f.endswith("/commit_success.txt")
              and f.count("/") == 2}
     assert max(steps) == 30
     # `raysft export` of the latest checkpoint in the bucket: the weights training exported.
     assert "export-step-30/model.safetensors" in files
     _assert_bit_identical(_params(killed["export_dir"]), _params(killed["exported_latest"]))
-
-
-def test_drained_node_saves_at_once_and_restarts_as_preemption(scenarios):
-    base, drained = scenarios["uninterrupted"], scenarios["node_drained"]
-    assert "error" not in drained and "error" not in drained["event"], drained
-    restarts = [r for r in drained["records"] if r["event"] == "restart"]
-    assert [r["kind"] for r in restarts] == ["preemption"]
-    assert "Preempted" in restarts[0]["cause"]
-    preempted = [r["step"] for r in drained["records"] if r["event"] == "preempted"]
-    starts = [r["start_step"] for r in drained["records"] if r["event"] == "start"]
-    # The preemption checkpoint is off the save_steps grid and the next attempt starts there.
-    assert len(preempted) == 1 and starts == [0, preempted[0]]
-    assert drained["summary"]["final_step"] == 30
-    _assert_bit_identical(_params(base["export_dir"]), _params(drained["export_dir"]))
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])

@@ -166,16 +166,14 @@ def train_loop_per_worker(spec_fields: dict) -> None:
         window_steps += 1
         step += 1
         watchdog.dispatched(step, metrics["loss"])
-        if preemption.reached(step):
-            ckpts.save(step, params, opt_state, checkpoint_meta(step, "preemption"))
-            ckpts.wait()
-            publish({"event": "preempted", "step": step})
-            raise Preempted(f"preemption notice: saved step {step} and stopped")
-        reason = saves.due(step) or ("final" if step == total_steps and spec.do_last_save else None)
+        preempted = preemption.reached(step)
+        reason = "preemption" if preempted else (
+            saves.due(step) or ("final" if step == total_steps and spec.do_last_save else None))
         if reason:
             ckpts.save(step, params, opt_state, checkpoint_meta(step, reason))
             saves.saved()
-        if step % spec.log_steps == 0 or step == total_steps:
+        # The step saved at a preemption is logged too: the next attempt starts after it.
+        if step % spec.log_steps == 0 or step == total_steps or preempted:
             metrics = jax.device_get(metrics)  # the only host sync, once per log step
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             tokens_per_second = float(window_tokens) / elapsed
@@ -198,6 +196,10 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                 }
             )
             window_start, window_tokens, window_pairs, window_steps = time.perf_counter(), 0, 0, 0
+        if preempted:
+            ckpts.wait()
+            publish({"event": "preempted", "step": step})
+            raise Preempted(f"preemption notice: saved step {step} and stopped")
         if step == start_step + 1:
             # Compilation stays out of the throughput windows: the first step is timed alone
             # (one sync per attempt; a first step that is also a log step includes it).

@@ -45,7 +45,8 @@ def packed_batches(s: Settings) -> list[dict[str, np.ndarray]]:
     return [{k: v[i : i + s.batch_size] for k, v in rows.items()} for i in range(0, rows_needed, s.batch_size)]
 
 
-def run_raysft(s: Settings, batches) -> float:
+def bare_step(batches):
+    """raysft's jitted train step of W1 on one device, its initial state, and the batches on that device."""
     import jax
     import optax
     from flax import nnx
@@ -58,10 +59,15 @@ def run_raysft(s: Settings, batches) -> float:
     cfg = ModelConfig.from_hf_dict({**W1, "architectures": ["LlamaForCausalLM"]})
     layout, params = ParamLayout.initialise(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
     optimizer = optax.adamw(1e-4)
-    opt_state = optimizer.init(params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     step = make_train_step(layout, optimizer, (device, device))
-    on_device = [jax.device_put(b, device) for b in batches]
+    return step, params, optimizer.init(params), [jax.device_put(b, device) for b in batches]
+
+
+def run_raysft(s: Settings, batches) -> float:
+    import jax
+
+    step, params, opt_state, on_device = bare_step(batches)
     metrics = None
     for i, batch in enumerate(on_device):
         if i == s.warmup_steps:

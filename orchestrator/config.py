@@ -235,7 +235,12 @@ class SFTConfig(BaseModel):
     backend: Literal["cpu", "gpu", "tpu"] = Field(
         "cpu", description="Accelerator the workers use: cpu, gpu (one each) or tpu (set by tpu_type)."
     )
-    cpu_devices_per_host: int = Field(2, gt=0, description="JAX CPU devices per worker when backend is cpu.")
+    cpu_devices_per_host: int = Field(
+        1,
+        gt=0,
+        description="JAX CPU devices per worker when backend is cpu. One is fastest: virtual devices share one "
+        "XLA thread pool and add fsdp collectives (benchmarks/trainer_throughput.py); more test meshes on one machine.",
+    )
     worker_resources: dict[str, float] | None = Field(
         None,
         description="Ray resources of each worker (default: 1 CPU, 1 GPU, or a TPU host's chips), "

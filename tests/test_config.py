@@ -27,9 +27,9 @@ def test_unknown_key_is_an_error():
         ({"learning_rate": 0}, "learning_rate\n  Input should be greater than 0"),
         ({"max_sequence_length": 1}, "max_sequence_length\n  Input should be greater than 1"),
         ({"scheduler": "none", "learning_rate_end": 1e-6}, "learning_rate_end is set but scheduler is 'none'"),
-        ({"total_batch_size": 6, "num_hosts": 2}, "total_batch_size 6 must be a multiple of 4: the 4 data-parallel"),
-        ({"total_batch_size": 8, "num_hosts": 2, "gradient_accumulation_steps": 4}, "must be a multiple of 16"),
-        ({"num_hosts": 2, "sharding_axis_dims": (1, 3, -1, 1)}, r"sharding_axis_dims \(1, 3, -1, 1\) \(dp, fsdp, tp, sp\) do not fit the 4 devices"),
+        ({"total_batch_size": 6, "num_hosts": 2, "cpu_devices_per_host": 2}, "total_batch_size 6 must be a multiple of 4: the 4 data-parallel"),
+        ({"total_batch_size": 8, "num_hosts": 2, "gradient_accumulation_steps": 4, "cpu_devices_per_host": 2}, "must be a multiple of 16"),
+        ({"num_hosts": 2, "sharding_axis_dims": (1, 3, -1, 1), "cpu_devices_per_host": 2}, r"sharding_axis_dims \(1, 3, -1, 1\) \(dp, fsdp, tp, sp\) do not fit the 4 devices"),
         ({"sharding_axis_dims": (1, -1, -1, 1)}, "at most one -1"),
         ({"dtype": "float16"}, "dtype\n  Input should be 'float32' or 'bfloat16'"),
         # Never a local folder named "ftp:" that the user takes for the server.

@@ -20,7 +20,8 @@ def test_a_run_prints_raysft_lines_only_and_keeps_rays_in_the_run_dir(tmp_path, 
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(CORPUS[i % 6 : i % 6 + 3])} for i in range(24)])
     run = _raysft("sft", "--repo_id", tiny_model_dir, "--dataset_name", data, "--max_sequence_length", 64,
                   "--total_batch_size", 4, "--max_training_steps", 2, "--log_steps", 1,
-                  "--save_directory", tmp_path / "runs", "--model_name", "quiet")
+                  "--save_directory", tmp_path / "runs", "--model_name", "quiet",
+                  "--cpu_devices_per_host", 2)  # two devices: the worker's collectives log Gloo lines
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     console = run.stdout + run.stderr
     assert not RAY_LINES.search(console), console
@@ -29,7 +30,7 @@ def test_a_run_prints_raysft_lines_only_and_keeps_rays_in_the_run_dir(tmp_path, 
     log = (tmp_path / "runs" / "quiet" / "logs" / "ray.log").read_text()
     # Nothing lost: the driver's Ray lines, Ray Data's, and the workers' own.
     assert "Started a local Ray instance" in log and "Execution plan of Dataset" in log, log
-    # (a worker's two devices write their Gloo lines at once, interleaved)
+    # (its two devices write their Gloo lines at once, interleaved)
     assert re.search(r"\(RayTrainWorker pid=\d+, ip=[\d.]+\) \[Gloo\] Rank", log), log
 
 

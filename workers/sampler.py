@@ -254,10 +254,11 @@ class Placement:
             return params
         copies = jax.sharding.NamedSharding(next(iter(params.values())).sharding.mesh, jax.sharding.PartitionSpec())
         gathered = jax.jit(lambda p: p, out_shardings=jax.tree.map(lambda _: copies, params))(params)
-        decoding = set(self.mesh.devices.flat)
-        if copies.device_set == decoding:
+        if copies.mesh == self.mesh:
             return gathered
-        # One device per host: its whole copy is taken as it is.
+        # One device per host (its own mesh, even where that is every device): its whole
+        # copy is taken as it is.
+        decoding = set(self.mesh.devices.flat)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.tree.map(
             lambda x: jax.make_array_from_single_device_arrays(

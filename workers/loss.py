@@ -16,18 +16,46 @@ def _shifted_targets(input_ids_BxT, loss_weights_BxT):
     return targets_BxT, weights_BxT
 
 
+@jax.custom_vjp
 def _chunk_sums(logits_BxCxV, targets_BxC, weights_BxC):
     """Sums over any leading axes ([B, C] or [B, S, C])."""
-    logits_BxCxV = logits_BxCxV.astype(jnp.float32)
-    log_norm_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    correct_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
-    return {
+    return _chunk_sums_forward(logits_BxCxV, targets_BxC, weights_BxC)[0]
+
+
+def _chunk_sums_forward(logits_BxCxV, targets_BxC, weights_BxC):
+    f32_BxCxV = logits_BxCxV.astype(jnp.float32)
+    max_BxC = jnp.max(f32_BxCxV, axis=-1)
+    log_norm_BxC = jnp.log(jnp.sum(jnp.exp(f32_BxCxV - max_BxC[..., None]), axis=-1)) + max_BxC
+    target_logit_BxC = jnp.take_along_axis(f32_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    # The target is the prediction when its logit is the largest: XLA:CPU's argmax (a
+    # reduction of value-index pairs) takes as long as the exp-sum. Unlike argmax, a
+    # tie with another token counts as correct (only exactly equal logits tie).
+    correct_BxC = target_logit_BxC >= max_BxC
+    sums = {
         "loss_sum": jnp.sum((log_norm_BxC - target_logit_BxC) * weights_BxC),
         "z_sum": jnp.sum(jnp.square(log_norm_BxC) * weights_BxC),
         "correct": jnp.sum(correct_BxC * weights_BxC),
         "weight_sum": jnp.sum(weights_BxC),
     }
+    return sums, (logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC)
+
+
+def _chunk_sums_backward(residuals, g):
+    """The logits' cotangent in one pass over [.., V], the step's largest array: softmax
+    times each row's weight, minus the loss weight at the target. Autodiff keeps the
+    softmax from the forward pass and scatters the target term into a zero [.., V]
+    array, two more passes over it. The barrier makes XLA write the cotangent once
+    instead of recomputing it inside each of the two products that read it."""
+    logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC = residuals
+    target_g_BxC = weights_BxC * g["loss_sum"]
+    row_g_BxC = target_g_BxC + weights_BxC * g["z_sum"] * 2 * log_norm_BxC
+    probs_BxCxV = jnp.exp(logits_BxCxV.astype(jnp.float32) - log_norm_BxC[..., None])
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+    d_logits = probs_BxCxV * row_g_BxC[..., None] - jnp.where(is_target_BxCxV, target_g_BxC[..., None], 0.0)
+    return jax.lax.optimization_barrier(d_logits.astype(logits_BxCxV.dtype)), None, None
+
+
+_chunk_sums.defvjp(_chunk_sums_forward, _chunk_sums_backward)
 
 
 def token_loss_sums(

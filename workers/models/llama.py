@@ -200,7 +200,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden_BxTxD):
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden_BxTxD)
+            return self.runtime.attend(self.model.embed_tokens, hidden_BxTxD)
         return self.lm_head(hidden_BxTxD)
 
     def __call__(self, input_ids_BxT, segment_ids_BxT=None, positions_BxT=None):

@@ -196,3 +196,18 @@ def test_model_flops_count_each_documents_causal_pairs_by_hand():
     assert flops.peak_flops(h100, "float32")[0] == 494.7e12 and flops.peak_flops(h100, "bfloat16")[0] == 989e12
     v5p = SimpleNamespace(device_kind="TPU v5p", platform="tpu")
     assert flops.peak_flops(v5p, "float32")[0] == flops.peak_flops(v5p, "bfloat16")[0] == 459e12
+
+
+def test_tied_head_gradient_equals_autodiffs():
+    """The tied head's own backward (the table's gradient computed [D, V] on CPU) against
+    autodiff of the plain product it replaces."""
+    from raysft.workers.models.runtime import _tied_logits
+
+    query = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    table = jax.random.normal(jax.random.PRNGKey(1), (13, 8))
+
+    def grads(logits_fn):
+        return jax.grad(lambda q, e: jnp.sum(jnp.sin(logits_fn(q, e))), argnums=(0, 1))(query, table)
+
+    for ours, plain in zip(grads(_tied_logits), grads(lambda q, e: jnp.dot(q, e.T))):
+        np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)

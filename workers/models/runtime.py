@@ -127,7 +127,7 @@ class ModelRuntime:
         if self.platform != "cpu":
             return table.attend(hidden_BxTxD)
         query_BxTxD, embedding_VxD = table.promote_dtype((hidden_BxTxD, table.embedding[...]), dtype=table.dtype)
-        return _logits_with_transposed_table_gradient(query_BxTxD, embedding_VxD)
+        return _tied_logits(query_BxTxD, embedding_VxD)
 
     def constrain(self, x_BxTxD):
         """Keep activations split over the batch axes and the sequence over sp."""
@@ -145,15 +145,15 @@ class ModelRuntime:
 
 
 @jax.custom_vjp
-def _logits_with_transposed_table_gradient(query_BxTxD, embedding_VxD):
+def _tied_logits(query_BxTxD, embedding_VxD):
     return jnp.dot(query_BxTxD, embedding_VxD.T)
 
 
-def _tied_head_forward(query_BxTxD, embedding_VxD):
-    return jnp.dot(query_BxTxD, embedding_VxD.T), (query_BxTxD, embedding_VxD)
+def _tied_logits_forward(query_BxTxD, embedding_VxD):
+    return _tied_logits(query_BxTxD, embedding_VxD), (query_BxTxD, embedding_VxD)
 
 
-def _tied_head_backward(residuals, d_logits_BxTxV):
+def _tied_logits_backward(residuals, d_logits_BxTxV):
     query_BxTxD, embedding_VxD = residuals
     d_query = jnp.dot(d_logits_BxTxV, embedding_VxD)
     query_NxD = query_BxTxD.reshape(-1, query_BxTxD.shape[-1])
@@ -163,4 +163,4 @@ def _tied_head_backward(residuals, d_logits_BxTxV):
     return d_query, d_embedding_DxV.T
 
 
-_logits_with_transposed_table_gradient.defvjp(_tied_head_forward, _tied_head_backward)
+_tied_logits.defvjp(_tied_logits_forward, _tied_logits_backward)

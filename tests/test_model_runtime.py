@@ -38,7 +38,7 @@ def _batch(vocab=97, b=2, t=48, seed=0):
 def _loss_and_grads(layout, params, batch, chunk=None):
     def loss(params):
         sums = batch_sums(layout, params, batch, chunk)
-        return sums["loss_sum"] / sums["weight_sum"]
+        return sums["objective"] / sums["weight_sum"]
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -74,20 +74,31 @@ def test_scanned_program_does_not_grow_with_depth(qwen2_dir):
         cfg = ModelConfig(**{**cfg.__dict__, "num_hidden_layers": layers, "sliding_windows": ()})
         layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime("vanilla", "full", scan))
         params = {n: jnp.zeros(s.shape, s.dtype) for n, s in layout.shapes.items()}
-        grad = jax.jit(jax.grad(lambda p: batch_sums(layout, p, _batch())["loss_sum"]))
+        grad = jax.jit(jax.grad(lambda p: batch_sums(layout, p, _batch())["objective"]))
         return len(grad.lower(params).as_text())
 
     assert hlo_chars(16, scan=True) < 1.2 * hlo_chars(2, scan=True)
     assert hlo_chars(16, scan=False) > 4 * hlo_chars(2, scan=False)
 
 
-@pytest.mark.parametrize("chunk", [16, 7, 48], ids=["divides", "ragged", "whole"])
-def test_chunked_cross_entropy_matches_full_logits(qwen2_dir, chunk):
-    model = rs.AutoModelForCausalLM.from_pretrained(qwen2_dir)
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+@pytest.mark.parametrize("chunk", [16, 7, 48, None], ids=["divides", "ragged", "whole", "unchunked"])
+def test_chunked_cross_entropy_matches_autodiff_on_full_logits(tmp_path, chunk, tied):
+    """The loss computes its own gradient chunk by chunk; autodiff of the formula written
+    out on the whole [B, T, V] logits is the reference (the head's gradient included)."""
+    model = rs.AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, vocab_size=97, tie_word_embeddings=tied))
     batch = _batch()
-    loss, grads = _loss_and_grads(model.layout, model.params, batch, chunk=None)
+
+    def reference(params):
+        logits = model.layout.bind(params)(batch["input_ids"], batch["segment_ids"], batch["positions"])[:, :-1]
+        target_logit = jnp.take_along_axis(logits, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+        weights = batch["loss_weights"][:, 1:]
+        return jnp.sum(weights * (jax.nn.logsumexp(logits, axis=-1) - target_logit)) / jnp.sum(weights)
+
+    loss, grads = jax.jit(jax.value_and_grad(reference))(model.params)
     chunked_loss, chunked_grads = _loss_and_grads(model.layout, model.params, batch, chunk=chunk)
     np.testing.assert_allclose(chunked_loss, loss, rtol=1e-6)
+    assert ("lm_head.kernel" in grads) != tied
     for name in grads:
         np.testing.assert_allclose(chunked_grads[name], grads[name], atol=1e-6, err_msg=name)
 
@@ -107,6 +118,18 @@ def test_loss_sums_against_numpy():
     np.testing.assert_allclose(sums["correct"], ((logits[:, :-1].argmax(-1) == ids[:, 1:]) * w).sum())
     assert float(sums["weight_sum"]) == w.sum()
 
+    # The objective's gradient, (softmax - one-hot(target)) * weight per position, plus
+    # the z-loss term 2 z log Z softmax * weight; the reported sums carry none.
+    z = 0.1
+    objective = lambda x: token_loss_sums(x, lambda h: h, jnp.asarray(ids), jnp.asarray(weights), 4, z_loss=z)  # noqa: E731
+    grad = np.asarray(jax.grad(lambda x: objective(x)["objective"])(jnp.asarray(logits)))
+    softmax = np.exp(logits[:, :-1] - log_z[..., None])
+    one_hot = np.eye(11)[ids[:, 1:]]
+    expected = (softmax - one_hot + 2 * z * log_z[..., None] * softmax) * w[..., None]
+    np.testing.assert_allclose(grad[:, :-1], expected, atol=1e-6)
+    assert not grad[:, -1].any()
+    assert not np.asarray(jax.grad(lambda x: objective(x)["loss_sum"])(jnp.asarray(logits))).any()
+
 
 def test_chunked_cross_entropy_never_holds_all_logits():
     cfg = ModelConfig(
@@ -118,7 +141,7 @@ def test_chunked_cross_entropy_never_holds_all_logits():
     logits_bytes = 4 * 256 * 16384 * 4
 
     def temp_bytes(chunk):
-        grad = jax.jit(jax.grad(lambda p: batch_sums(layout, p, batch, chunk)["loss_sum"]))
+        grad = jax.jit(jax.grad(lambda p: batch_sums(layout, p, batch, chunk)["objective"]))
         return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(None) >= logits_bytes

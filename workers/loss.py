@@ -1,12 +1,15 @@
 """Next-token cross-entropy weighted per target token, computed a chunk of rows' positions
-at a time so the [batch, T, vocab] logits never exist all at once."""
+at a time so the [batch, T, vocab] logits never exist all at once, with its gradient
+computed in the same pass."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 def _shifted_targets(input_ids_BxT, loss_weights_BxT):
@@ -16,13 +19,8 @@ def _shifted_targets(input_ids_BxT, loss_weights_BxT):
     return targets_BxT, weights_BxT
 
 
-@jax.custom_vjp
-def _chunk_sums(logits_BxCxV, targets_BxC, weights_BxC):
-    """Sums over any leading axes ([B, C] or [B, S, C])."""
-    return _chunk_sums_forward(logits_BxCxV, targets_BxC, weights_BxC)[0]
-
-
-def _chunk_sums_forward(logits_BxCxV, targets_BxC, weights_BxC):
+def _chunk_stats(logits_BxCxV, targets_BxC, weights_BxC):
+    """The sums over any leading axes ([B, C] or [B, S, C]), and each position's log Z."""
     f32_BxCxV = logits_BxCxV.astype(jnp.float32)
     max_BxC = jnp.max(f32_BxCxV, axis=-1)
     log_norm_BxC = jnp.log(jnp.sum(jnp.exp(f32_BxCxV - max_BxC[..., None]), axis=-1)) + max_BxC
@@ -37,25 +35,89 @@ def _chunk_sums_forward(logits_BxCxV, targets_BxC, weights_BxC):
         "correct": jnp.sum(correct_BxC * weights_BxC),
         "weight_sum": jnp.sum(weights_BxC),
     }
-    return sums, (logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC)
+    return sums, log_norm_BxC
 
 
-def _chunk_sums_backward(residuals, g):
-    """The logits' cotangent in one pass over [.., V], the step's largest array: softmax
-    times each row's weight, minus the loss weight at the target. Autodiff keeps the
-    softmax from the forward pass and scatters the target term into a zero [.., V]
-    array, two more passes over it. The barrier makes XLA write the cotangent once
-    instead of recomputing it inside each of the two products that read it."""
-    logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC = residuals
-    target_g_BxC = weights_BxC * g["loss_sum"]
-    row_g_BxC = target_g_BxC + weights_BxC * g["z_sum"] * 2 * log_norm_BxC
+def _logits_cotangent(logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC, z_loss):
+    """d(loss_sum + z_loss * z_sum) / d(logits) in one pass over [.., V], the step's
+    largest array: softmax times each row's weight, minus the weight at the target
+    (autodiff keeps the softmax and scatters the target term into a zero [.., V] array,
+    two more passes). The barrier makes XLA write it once instead of recomputing it
+    inside each of the two products that read it."""
+    row_g_BxC = weights_BxC * (1.0 + 2.0 * z_loss * log_norm_BxC)
     probs_BxCxV = jnp.exp(logits_BxCxV.astype(jnp.float32) - log_norm_BxC[..., None])
     is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    d_logits = probs_BxCxV * row_g_BxC[..., None] - jnp.where(is_target_BxCxV, target_g_BxC[..., None], 0.0)
-    return jax.lax.optimization_barrier(d_logits.astype(logits_BxCxV.dtype)), None, None
+    d_logits = probs_BxCxV * row_g_BxC[..., None] - jnp.where(is_target_BxCxV, weights_BxC[..., None], 0.0)
+    return jax.lax.optimization_barrier(d_logits.astype(logits_BxCxV.dtype))
 
 
-_chunk_sums.defvjp(_chunk_sums_forward, _chunk_sums_backward)
+_ZERO_SUMS = ("loss_sum", "z_sum", "correct", "weight_sum")
+
+
+def _add(totals, sums):
+    return jax.tree.map(jnp.add, totals, sums)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _head_loss(head, z_loss, hidden_NxBxSxCxD, targets_NxBxSxC, weights_NxBxSxC, *head_params):
+    """(loss_sum + z_loss * z_sum, the sums) of the logits `head(hidden, *head_params)`,
+    one chunk of positions (the leading axis) at a time."""
+
+    def one_chunk(totals, xs):
+        hidden, targets, weights = xs
+        return _add(totals, _chunk_stats(head(hidden, *head_params), targets, weights)[0]), None
+
+    sums, _ = jax.lax.scan(one_chunk, _zeros(), (hidden_NxBxSxCxD, targets_NxBxSxC, weights_NxBxSxC))
+    return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+
+
+def _head_loss_forward(head, z_loss, hidden, targets, weights, *head_params):
+    """The gradient is computed here, chunk by chunk while each chunk's logits exist (as
+    Liger's fused linear cross-entropy does): the backward pass then has nothing to
+    recompute, and no chunk's logits outlive it. It is the gradient of the objective for
+    a cotangent of 1, which the backward rule scales. Parameters that are not trained
+    (a frozen head under LoRA) get none."""
+    hidden, targets, weights = hidden.value, targets.value, weights.value
+    trained = [i for i, p in enumerate(head_params) if p.perturbed]
+    values = [p.value for p in head_params]
+
+    def trained_head(h, *trained_values):
+        args = list(values)
+        for i, v in zip(trained, trained_values):
+            args[i] = v
+        return head(h, *args)
+
+    def one_chunk(carry, xs):
+        totals, grads = carry
+        h, t, w = xs
+        logits, head_vjp = jax.vjp(trained_head, h, *[values[i] for i in trained])
+        sums, log_norm = _chunk_stats(logits, t, w)
+        d_hidden, *d_params = head_vjp(_logits_cotangent(logits, log_norm, t, w, z_loss))
+        return (_add(totals, sums), _add(grads, d_params)), d_hidden
+
+    zero_grads = [jnp.zeros_like(values[i]) for i in trained]
+    (sums, grads), d_hidden = jax.lax.scan(one_chunk, (_zeros(), zero_grads), (hidden, targets, weights))
+    by_param = [None] * len(head_params)  # None: not trained
+    for i, grad in zip(trained, grads):
+        by_param[i] = grad
+    return (sums["loss_sum"] + z_loss * sums["z_sum"], sums), (d_hidden, by_param)
+
+
+def _head_loss_backward(head, z_loss, residuals, g):
+    """Only the objective carries a gradient: `token_loss_sums` stops it on the sums."""
+    d_hidden, by_param = residuals
+    g_objective = g[0]
+    if isinstance(g_objective, SymbolicZero):
+        return (None, None, None) + (None,) * len(by_param)
+    scale = lambda x: None if x is None else (x * g_objective).astype(x.dtype)  # noqa: E731
+    return (scale(d_hidden), None, None, *map(scale, by_param))
+
+
+_head_loss.defvjp(_head_loss_forward, _head_loss_backward, symbolic_zeros=True)
+
+
+def _zeros():
+    return {k: jnp.zeros((), jnp.float32) for k in _ZERO_SUMS}
 
 
 def token_loss_sums(
@@ -65,36 +127,33 @@ def token_loss_sums(
     loss_weights_BxT,
     chunk_size: int | None = None,
     sequence_shards: int = 1,
+    z_loss: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Sums over the batch: weighted token losses, weighted squared log-normalisers (for
-    z-loss), weighted correct argmax predictions, and the weights.
+    z-loss), weighted correct argmax predictions, the weights, and `objective` =
+    loss_sum + z_loss * z_sum, the one sum that carries a gradient.
 
     `head` maps hidden states [..., D] to logits [..., V]. With `chunk_size`, each of the
     `sequence_shards` equal parts of the sequence (the positions one `sp` device holds)
     is cut into chunks of that many positions; step k of the scan takes chunk k of every
-    part, so each device works on its own positions, and each chunk's logits are
-    recomputed in the backward pass instead of stored. Sums rather than means, so the
+    part, so each device works on its own positions. Sums rather than means, so the
     caller divides once by the weight of the whole global batch.
     """
     targets_BxT, weights_BxT = _shifted_targets(input_ids_BxT, loss_weights_BxT)
     b, t, _ = hidden_BxTxD.shape
     local = t // sequence_shards
-    if not chunk_size or chunk_size >= local:
-        return _chunk_sums(head(hidden_BxTxD), targets_BxT, weights_BxT)
-    chunks = -(-local // chunk_size)
-    pad = chunks * chunk_size - local  # padded positions have weight 0
+    chunk = min(chunk_size or local, local)
+    chunks = -(-local // chunk)
+    pad = chunks * chunk - local  # padded positions have weight 0
 
-    def split(x_BxT_):  # [B, T, ...] -> [chunks, B, sequence_shards, chunk_size, ...]
+    def split(x_BxT_):  # [B, T, ...] -> [chunks, B, sequence_shards, chunk, ...]
         x = x_BxT_.reshape(b, sequence_shards, local, *x_BxT_.shape[2:])
         x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        return jnp.moveaxis(x.reshape(b, sequence_shards, chunks, chunk_size, *x.shape[3:]), 2, 0)
+        return jnp.moveaxis(x.reshape(b, sequence_shards, chunks, chunk, *x.shape[3:]), 2, 0)
 
-    @jax.checkpoint
-    def one_chunk(totals, xs):
-        hidden_BxSxCxD, targets_BxSxC, weights_BxSxC = xs
-        sums = _chunk_sums(head(hidden_BxSxCxD), targets_BxSxC, weights_BxSxC)
-        return jax.tree.map(jnp.add, totals, sums), None
-
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_sum", "correct", "weight_sum")}
-    totals, _ = jax.lax.scan(one_chunk, zeros, (split(hidden_BxTxD), split(targets_BxT), split(weights_BxT)))
-    return totals
+    hidden_NxBxSxCxD = split(hidden_BxTxD)
+    # The head's parameters become explicit arguments, so the loss's own VJP can return
+    # their gradient.
+    head, head_params = jax.closure_convert(head, hidden_NxBxSxCxD[0])
+    objective, sums = _head_loss(head, z_loss, hidden_NxBxSxCxD, split(targets_BxT), split(weights_BxT), *head_params)
+    return {"objective": objective, **jax.lax.stop_gradient(sums)}

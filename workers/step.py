@@ -15,14 +15,14 @@ from raysft.workers.models.params import ParamLayout
 
 
 def batch_sums(
-    layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None
+    layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None, z_loss: float = 0.0
 ) -> dict[str, jax.Array]:
     model = layout.bind(params)
     hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key)
     mesh = model.runtime.mesh
     sequence_shards = mesh.shape["sp"] if mesh is not None else 1
     return token_loss_sums(
-        hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size, sequence_shards
+        hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size, sequence_shards, z_loss
     )
 
 
@@ -81,9 +81,9 @@ def make_gradient_fn(
     def gradient(params, batch, frozen=None, dropout_key=None):
         def objective_sums(trained, micro_batch, index):
             sums = batch_sums(
-                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index)
+                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index), z_loss
             )
-            return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+            return sums["objective"], sums
 
         sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), gradient_accumulation_steps, batch_sharding)
         grad_sums, sums = sum_grads(params, batch)
@@ -146,8 +146,11 @@ def make_eval_step(
 ) -> Callable:
     """`eval_step(params, batch) -> sums` (loss_sum, weight_sum, correct, ...) to add over
     batches; in training's micro-batches, so eval never holds more activations than a step."""
-    sums = accumulate(
-        lambda params, batch, _: batch_sums(layout, params, batch, loss_chunk_size), gradient_accumulation_steps,
-        batch_sharding,
-    )
+
+    def reported_sums(params, batch, _):
+        sums = batch_sums(layout, params, batch, loss_chunk_size)
+        del sums["objective"]  # what training differentiates: loss_sum here (no z-loss)
+        return sums
+
+    sums = accumulate(reported_sums, gradient_accumulation_steps, batch_sharding)
     return jax.jit(sums, in_shardings=(params_sharding, batch_sharding))

@@ -51,11 +51,16 @@ def _logits_cotangent(logits_BxCxV, log_norm_BxC, targets_BxC, weights_BxC, z_lo
     return jax.lax.optimization_barrier(d_logits.astype(logits_BxCxV.dtype))
 
 
-_ZERO_SUMS = ("loss_sum", "z_sum", "correct", "weight_sum")
+def _zeros():
+    return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_sum", "correct", "weight_sum")}
 
 
 def _add(totals, sums):
     return jax.tree.map(jnp.add, totals, sums)
+
+
+def _objective(sums, z_loss):
+    return sums["loss_sum"] + z_loss * sums["z_sum"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -68,7 +73,7 @@ def _head_loss(head, z_loss, hidden_NxBxSxCxD, targets_NxBxSxC, weights_NxBxSxC,
         return _add(totals, _chunk_stats(head(hidden, *head_params), targets, weights)[0]), None
 
     sums, _ = jax.lax.scan(one_chunk, _zeros(), (hidden_NxBxSxCxD, targets_NxBxSxC, weights_NxBxSxC))
-    return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+    return _objective(sums, z_loss), sums
 
 
 def _head_loss_forward(head, z_loss, hidden, targets, weights, *head_params):
@@ -100,7 +105,7 @@ def _head_loss_forward(head, z_loss, hidden, targets, weights, *head_params):
     by_param = [None] * len(head_params)  # None: not trained
     for i, grad in zip(trained, grads):
         by_param[i] = grad
-    return (sums["loss_sum"] + z_loss * sums["z_sum"], sums), (d_hidden, by_param)
+    return (_objective(sums, z_loss), sums), (d_hidden, by_param)
 
 
 def _head_loss_backward(head, z_loss, residuals, g):
@@ -114,10 +119,6 @@ def _head_loss_backward(head, z_loss, residuals, g):
 
 
 _head_loss.defvjp(_head_loss_forward, _head_loss_backward, symbolic_zeros=True)
-
-
-def _zeros():
-    return {k: jnp.zeros((), jnp.float32) for k in _ZERO_SUMS}
 
 
 def token_loss_sums(

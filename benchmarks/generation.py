@@ -20,6 +20,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 QUESTIONS = [
     "How many days are in 56 weeks? Explain the multiplication step by step.",
     "Write a short poem about the sea and the wind.",
@@ -51,6 +53,7 @@ def best_seconds(runs: dict, repeats: int) -> dict:
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # our sampler compiles as raysft's CPU workers (`raysft generate`) do
     import torch
     from transformers import AutoModelForCausalLM as TorchModel
     from transformers import AutoTokenizer

@@ -15,6 +15,8 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 from train_throughput import W1, packed_batches
 
 
@@ -74,6 +76,7 @@ def timed(state, batches, s: Settings) -> float:
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
 
     s = Settings()

@@ -18,6 +18,8 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 from train_throughput import W1
 
 
@@ -31,6 +33,7 @@ class Settings(BaseSettings):
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -14,6 +14,8 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(cli_parse_args=True, cli_prog_name="model_step.py")
@@ -108,6 +110,7 @@ def pytorch(s: Settings, input_ids) -> float:
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
     import numpy as np
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -23,6 +23,8 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
 from train_throughput import Settings as BareSettings, bare_step, packed_batches
 
 # The innermost function on an instruction's stack that is in this table names its part.
@@ -94,6 +96,7 @@ def part_of(stack: list[str]) -> str:
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
 
     s = Settings()

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from raysft.data.rows import best_fit_decreasing, build_rows
+from raysft.workers.xla_cpu import use_cpu_xla_flags
 
 
 class Settings(BaseSettings):
@@ -103,6 +104,7 @@ def run_pytorch(s: Settings, batches, positions: bool) -> float:
 
 
 def main() -> None:
+    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
     import jax
 
     from raysft.workers.flops import attention_pairs, model_flops, peak_flops

@@ -5,16 +5,15 @@ RAY_ADDRESS, and the prompts go to it."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from raysft.data.errors import DataError
-from raysft.data.files import STORAGE_ENV
 from raysft.data.locations import location
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.export import complete_step
 from raysft.orchestrator.run_record import RUN_FILE, RunRecord
+from raysft.orchestrator.worker_group import worker_env
 from raysft.workers.models.config import ModelLoadError, read_hf_config
 from raysft.workers.models.source import ModelSource
 from raysft.workers.sampler import SamplingParams
@@ -68,9 +67,7 @@ class RemoteGenerator:
 
         spec, chosen, self.what = server_spec(model, step, dtype)
         connect(1)
-        env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
-        if spec.backend == "cpu" and not resources:
-            env["JAX_PLATFORMS"] = "cpu"
+        env = worker_env(spec.backend == "cpu" and not resources)
         resources = dict(resources or {"CPU": 1})
         actor = ray.remote(GenerationServer).options(
             num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources,

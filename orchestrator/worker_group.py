@@ -10,6 +10,19 @@ from etils import epath
 from raysft.data.files import STORAGE_ENV, portable_filesystem
 from raysft.data.locations import is_object_storage
 from raysft.orchestrator.config import SFTConfig
+from raysft.workers.xla_cpu import cpu_xla_flags
+
+
+def worker_env(cpu: bool) -> dict[str, str]:
+    """Environment of a worker process: the driver's storage credentials and endpoints
+    (models, checkpoints and data on object storage are read with them whatever
+    environment the nodes were started in); on CPU, JAX kept there and raysft's XLA:CPU
+    options."""
+    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
+    if cpu:
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = cpu_xla_flags(os.environ.get("XLA_FLAGS"))
+    return env
 
 
 def worker_group(
@@ -35,11 +48,6 @@ def worker_group(
         scaling = ScalingConfig(
             num_workers=args.num_hosts, use_gpu=gpu, resources_per_worker=args.worker_resources or default
         )
-    # The driver's storage credentials and endpoints: models, checkpoints and data on
-    # object storage are read with them whatever environment the nodes were started in.
-    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
-    if args.backend == "cpu":
-        env["JAX_PLATFORMS"] = "cpu"
     # Ray Train's own run state goes next to the run. On object storage, as a filesystem
     # made here: its controller runs on another node, without the driver's environment.
     storage_fs, storage_path = portable_filesystem((run_dir / "ray").as_posix()) if is_object_storage(run_dir) else (
@@ -53,6 +61,6 @@ def worker_group(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env(args.backend == "cpu")},
         ),
     )

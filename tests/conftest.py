@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-# Keep each test process's JAX on the CPU, with four devices so in-process meshes are real.
+from raysft.workers.xla_cpu import use_cpu_xla_flags
+
+# Keep each test process's JAX on the CPU, with four devices so in-process meshes are real,
+# compiled as raysft's CPU workers compile.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+use_cpu_xla_flags()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)

@@ -4,11 +4,9 @@ hosts that join later (an autoscaled slice) check the same at their worker's sta
 
 from __future__ import annotations
 
-import os
-
 import ray
 
-from raysft.data.files import STORAGE_ENV
+from raysft.orchestrator.worker_group import worker_env
 from raysft.workers.shared_storage import what_this_host_misses
 
 ANSWER_TIMEOUT_S = 300
@@ -22,12 +20,11 @@ def check_every_node(marker: tuple[str, str], model: str) -> None:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if len(nodes) < 2:  # the driver's own node: it has just written the marker
         return
-    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
     look = ray.remote(num_cpus=0, max_retries=0)(what_this_host_misses)
     answers = [
         look.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": worker_env(cpu=False)},
         ).remote(marker, model)
         for node in nodes
     ]

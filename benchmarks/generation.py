@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 QUESTIONS = [
     "How many days are in 56 weeks? Explain the multiplication step by step.",
@@ -53,7 +53,7 @@ def best_seconds(runs: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # our sampler compiles as raysft's CPU workers (`raysft generate`) do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers (`raysft generate`) do, whatever it times
     import torch
     from transformers import AutoModelForCausalLM as TorchModel
     from transformers import AutoTokenizer

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1, packed_batches
 
@@ -76,7 +76,7 @@ def timed(state, batches, s: Settings) -> float:
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
 
     s = Settings()

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1
 
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -14,7 +14,7 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 
 class Settings(BaseSettings):
@@ -110,7 +110,7 @@ def pytorch(s: Settings, input_ids) -> float:
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
     import numpy as np
 

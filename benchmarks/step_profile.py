@@ -23,7 +23,7 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 from train_throughput import Settings as BareSettings, bare_step, packed_batches
 
@@ -96,7 +96,7 @@ def part_of(stack: list[str]) -> str:
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
 
     s = Settings()

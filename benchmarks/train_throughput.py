@@ -17,7 +17,7 @@ import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from raysft.data.rows import best_fit_decreasing, build_rows
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 
 class Settings(BaseSettings):
@@ -104,7 +104,7 @@ def run_pytorch(s: Settings, batches, positions: bool) -> float:
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
 
     from raysft.workers.flops import attention_pairs, model_flops, peak_flops

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1, Settings as BareSettings, packed_batches, run_pytorch, run_raysft
 
@@ -81,7 +81,7 @@ def run_trainer(model_dir: Path, data: Path, root: Path, hosts: int, devices: in
 
 
 def main() -> None:
-    use_cpu_xla_flags()  # the bare step compiles as raysft's CPU workers do
+    run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     s = Settings()
     bare = BareSettings(steps=s.steps, warmup_steps=2, _cli_parse_args=False)
     batches = packed_batches(bare)

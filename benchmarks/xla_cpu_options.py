@@ -1,11 +1,13 @@
-"""XLA:CPU's options on W1's bare train step (`train_throughput.py`'s step on one device):
-jaxlib's defaults, raysft's (`workers/xla_cpu.py`), and each kind of YNNPACK fusion on its
-own, each in a fresh process (XLA reads its flags once), in alternated rounds of one run.
+"""The CPU workers' options on W1's bare train step (`train_throughput.py`'s step on one
+device): XLA:CPU's and glibc's defaults, raysft's (`workers/xla_cpu.py`), each of raysft's
+two changes alone, and each kind of YNNPACK fusion on its own (with raysft's glibc
+tunables), each in a fresh process (XLA reads its flags once, glibc its tunables where a
+program starts), in alternated rounds of one run.
 
     python benchmarks/xla_cpu_options.py [--rounds 3] [--steps 3]
 
-Real tokens/s per option: the median over rounds; the ratio of raysft's options over the
-defaults, per round and its median.
+Real tokens/s per option: the median over rounds; the ratios of raysft's options over the
+defaults and over each of its changes alone, per round and their medians.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import cpu_xla_flags
+from raysft.workers.xla_cpu import cpu_glibc_tunables, cpu_xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
+HUGE_PAGES = cpu_glibc_tunables("")
+# option: (XLA_FLAGS, GLIBC_TUNABLES)
 OPTIONS = {
-    "jaxlib_defaults": "",
-    "raysft": cpu_xla_flags(""),
-    "ynn_dot_only": f"{YNN}=dot",
-    "ynn_eltwise_only": f"{YNN}=eltwise",
-    "ynn_reduce_only": f"{YNN}=reduce",
+    "defaults": ("", ""),
+    "raysft": (cpu_xla_flags(""), HUGE_PAGES),
+    "raysft_xla_options_only": (cpu_xla_flags(""), ""),
+    "raysft_glibc_tunables_only": ("", HUGE_PAGES),
+    "ynn_dot_only": (f"{YNN}=dot", HUGE_PAGES),
+    "ynn_eltwise_only": (f"{YNN}=eltwise", HUGE_PAGES),
+    "ynn_reduce_only": (f"{YNN}=reduce", HUGE_PAGES),
 }
 ONE_RUN = """
 import sys
@@ -46,8 +52,8 @@ class Settings(BaseSettings):
     steps: int = 3
 
 
-def tokens_per_second(flags: str, steps: int) -> float:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+def tokens_per_second(flags: str, tunables: str, steps: int) -> float:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "GLIBC_TUNABLES": tunables}
     code = ONE_RUN.format(here=str(Path(__file__).parent), steps=steps)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
@@ -57,15 +63,19 @@ def main() -> None:
     s = Settings()
     measured: dict[str, list[float]] = {name: [] for name in OPTIONS}
     for _ in range(s.rounds):
-        for name, flags in OPTIONS.items():
-            measured[name].append(tokens_per_second(flags, s.steps))
-    ratios = [r / d for r, d in zip(measured["raysft"], measured["jaxlib_defaults"])]
+        for name, (flags, tunables) in OPTIONS.items():
+            measured[name].append(tokens_per_second(flags, tunables, s.steps))
+    ratios = {
+        f"raysft_over_{other}": [r / o for r, o in zip(measured["raysft"], measured[other])]
+        for other in ("defaults", "raysft_xla_options_only", "raysft_glibc_tunables_only")
+    }
     print(json.dumps({
         "benchmark": "xla_cpu_options W1 bare step",
-        "raysft_flags": cpu_xla_flags(""),
+        "raysft_xla_flags": cpu_xla_flags(""),
+        "raysft_glibc_tunables": HUGE_PAGES,
         "real_tokens_per_s_median": {name: round(statistics.median(v), 1) for name, v in measured.items()},
-        "raysft_over_defaults_per_round": [round(r, 3) for r in ratios],
-        "raysft_over_defaults_median": round(statistics.median(ratios), 3),
+        **{f"{name}_per_round": [round(r, 3) for r in v] for name, v in ratios.items()},
+        **{f"{name}_median": round(statistics.median(v), 3) for name, v in ratios.items()},
     }, indent=2))
 
 

@@ -10,18 +10,18 @@ from etils import epath
 from raysft.data.files import STORAGE_ENV, portable_filesystem
 from raysft.data.locations import is_object_storage
 from raysft.orchestrator.config import SFTConfig
-from raysft.workers.xla_cpu import cpu_xla_flags
+from raysft.workers.xla_cpu import cpu_worker_env
 
 
 def worker_env(cpu: bool) -> dict[str, str]:
     """Environment of a worker process: the driver's storage credentials and endpoints
     (models, checkpoints and data on object storage are read with them whatever
-    environment the nodes were started in); on CPU, JAX kept there and raysft's XLA:CPU
-    options."""
+    environment the nodes were started in); on CPU, JAX kept there, raysft's XLA:CPU
+    options and glibc tunables (Ray starts the process with them, where glibc reads them)."""
     env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
     if cpu:
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = cpu_xla_flags(os.environ.get("XLA_FLAGS"))
+        env.update(cpu_worker_env())
     return env
 
 

@@ -44,11 +44,11 @@ def cpu_glibc_tunables(tunables: str | None) -> str:
     ))
 
 
-def cpu_worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The variables a CPU worker process starts with, given the driver's environment."""
+def cpu_worker_env() -> dict[str, str]:
+    """The variables a CPU worker process starts with, given this (the driver's) environment."""
     return {
-        "XLA_FLAGS": cpu_xla_flags(environ.get("XLA_FLAGS")),
-        "GLIBC_TUNABLES": cpu_glibc_tunables(environ.get("GLIBC_TUNABLES")),
+        "XLA_FLAGS": cpu_xla_flags(os.environ.get("XLA_FLAGS")),
+        "GLIBC_TUNABLES": cpu_glibc_tunables(os.environ.get("GLIBC_TUNABLES")),
     }
 
 

@@ -16,13 +16,6 @@ from raysft.data.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf")
-# Where object stores and the hub take credentials and endpoints from; the reading tasks
-# get the driver's, whatever environment their nodes were started with.
-STORAGE_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN", "HF_ENDPOINT",
-    "HF_HUB_OFFLINE",
-)
 
 
 def unsupported_scheme(url: str, supported: tuple[str, ...], local: str = "a local path") -> str:
@@ -33,12 +26,6 @@ def unsupported_scheme(url: str, supported: tuple[str, ...], local: str = "a loc
 
 def is_remote(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
-
-
-def storage_env(files: list[str]) -> dict[str, str]:
-    if not any(is_remote(f) for f in files):
-        return {}
-    return {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
 
 
 def filesystem(url: str):

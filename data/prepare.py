@@ -22,7 +22,7 @@ from etils import epath
 from raysft.data import mixture, sources
 from raysft.data.chat import require_chat_template
 from raysft.data.collect import collect_documents
-from raysft.data.files import storage_env
+from raysft.data.credentials import Credentials
 from raysft.data.formats import detect_format
 from raysft.data.locations import is_object_storage, local_copy, location, make_dir, remove_tree
 from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
@@ -96,7 +96,7 @@ def prepare_dataset(
     store_root = location(store_root)
     local_tokenizer = local_copy(tokenizer_dir)
     # The tasks read the tokenizer and write the store with the driver's credentials.
-    env = storage_env([store_root.as_posix(), location(tokenizer_dir).as_posix()])
+    credentials = Credentials.for_paths([store_root.as_posix(), location(tokenizer_dir).as_posix()])
     # Set before any dataset is made: a dataset keeps the context it was made in.
     context = ray.data.DataContext.get_current()
     # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
@@ -124,7 +124,7 @@ def prepare_dataset(
     try:
         encoded = [
             _encode(src, fmt, docs_dir, tokenizer_dir, tokenizer_key, settings, formatting_func, batch_size, num_proc,
-                    env, timeout_s, report)
+                    credentials, timeout_s, report)
             for src, fmt in zip(srcs, formats)
         ]
         if fingerprint is None:
@@ -142,7 +142,8 @@ def prepare_dataset(
         with _bar(placements.num_rows, "writing rows", report) as bar:
             shard_sizes = write_row_shards(
                 placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar is not None else None, timeout_s=timeout_s, name=stats["source"], env=env,
+                progress=bar.update if bar is not None else None, timeout_s=timeout_s, name=stats["source"],
+                credentials=credentials,
             )
         stats.update(
             fingerprint=fingerprint, rows=placements.num_rows, seq_len=settings.seq_len,
@@ -181,7 +182,7 @@ def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func
 
 
 def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, tokenizer_key: str,
-            settings: DataSettings, formatting_func, batch_size: int, num_proc: int | None, env: dict, timeout_s: float,
+            settings: DataSettings, formatting_func, batch_size: int, num_proc: int | None, credentials: Credentials, timeout_s: float,
             report) -> tuple[Documents, dict]:
     """One source's documents, encoded by Ray Data tasks into `docs_dir`, and its stats."""
     # Same documents in the same order on every run (the packing plan depends on it):
@@ -189,7 +190,7 @@ def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, 
     # which then holds finished batches back behind slower ones.
     ray.data.DataContext.get_current().execution_options.preserve_order = not src.numbered
     encoded = src.read().map_batches(
-        encode_rows,
+        credentials.around(encode_rows),
         fn_kwargs=dict(
             tokenizer_dir=str(tokenizer_dir), tokenizer_key=tokenizer_key, settings=dataclasses.asdict(settings),
             fmt=fmt, parts=src.parts, docs_dir=str(docs_dir), formatting_func=formatting_func,
@@ -199,7 +200,7 @@ def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, 
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=_encoders(num_proc)),
         num_cpus=1,
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env=credentials.runtime_env(),
     )
     with _bar(None, f"encoding {src.name}", report) as bar:
         docs, stats = collect_documents(encoded, src.name, timeout_s, bar)

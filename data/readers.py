@@ -20,9 +20,10 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from raysft.data.credentials import NONE, Credentials
 from raysft.data.data_nodes import task_options
 from raysft.data.errors import DataError
-from raysft.data.files import count_newlines, filesystem, first_line, storage_env
+from raysft.data.files import count_newlines, filesystem, first_line
 
 FILE_INDEX = "_file"
 ROW_NUMBER = "_row"
@@ -38,14 +39,14 @@ def read_files(files: list[str], chunk_bytes: int, newlines: dict[str, list[int]
     """`newlines`: the newline count of each `chunk_bytes` range of a JSON-lines file where
     it is known already (counted while hashing a local file); others are counted by tasks."""
     suffix = "." + files[0].rsplit(".", 1)[-1]
-    env = storage_env(files)
+    credentials = Credentials.for_paths(files)
     if suffix in JSON_LINES:
-        return _json_lines(files, chunk_bytes, newlines or {}, env)
+        return _json_lines(files, chunk_bytes, newlines or {}, credentials)
     if suffix == ".parquet":
         pieces = [dict(file=i, url=url, group=g, first_row=first) for i, url in enumerate(files)
                   for g, first in _row_groups(url)]
-        return read_pieces("ReadParquetRowGroups", pieces, _read_parquet_group, env)
-    return read_pieces("ReadCSV", [dict(file=i, url=url) for i, url in enumerate(files)], _read_csv_file, env)
+        return read_pieces("ReadParquetRowGroups", pieces, _read_parquet_group, credentials)
+    return read_pieces("ReadCSV", [dict(file=i, url=url) for i, url in enumerate(files)], _read_csv_file, credentials)
 
 
 def chunk_bytes(total_bytes: int) -> int:
@@ -123,21 +124,23 @@ class _Pieces(Datasource):
         ]
 
 
-def read_pieces(name: str, pieces: list[dict], read: Callable[[dict], Iterator], env: dict | None = None
+def read_pieces(name: str, pieces: list[dict], read: Callable[[dict], Iterator], credentials: Credentials = NONE
                 ) -> ray.data.Dataset:
     # Reading costs a hundredth of tokenizing the same bytes: a reader per node keeps the
     # encoders fed, where one per CPU would spend the CPUs starting worker processes. It
     # claims no CPU: the encoders may hold them all, and a reader waiting for one of them
     # would starve the encoders it feeds.
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    return ray.data.read_datasource(_Pieces(name, pieces, read), concurrency=max(nodes, 1), num_cpus=READ_CPUS,
-                                    runtime_env={"env_vars": env} if env else None)
+    return ray.data.read_datasource(_Pieces(name, pieces, credentials.around(read)), concurrency=max(nodes, 1),
+                                    num_cpus=READ_CPUS, runtime_env=credentials.runtime_env())
 
 
-def _json_lines(files: list[str], chunk_bytes: int, newlines: dict[str, list[int]], env: dict) -> ray.data.Dataset:
+def _json_lines(files: list[str], chunk_bytes: int, newlines: dict[str, list[int]], credentials: Credentials
+                ) -> ray.data.Dataset:
     uncounted = [url for url in files if url not in newlines]
     selector = ray.data.DataContext.get_current().execution_options.label_selector
-    count = _count_newlines.options(runtime_env={"env_vars": env}, **task_options(selector))
+    count = ray.remote(num_cpus=READ_CPUS)(credentials.around(count_newlines)).options(
+        runtime_env=credentials.runtime_env(), **task_options(selector))
     counted = ray.get([count.remote(url, chunk_bytes) for url in uncounted])
     newlines = {**newlines, **dict(zip(uncounted, counted))}
     ranges = []
@@ -147,10 +150,7 @@ def _json_lines(files: list[str], chunk_bytes: int, newlines: dict[str, list[int
                    for k, n in enumerate(before)]
     if not ranges:
         raise DataError(f"{files[0]}: the dataset has no rows")
-    return read_pieces("ReadJSONLines", ranges, _read_json_range, env)
-
-
-_count_newlines = ray.remote(num_cpus=READ_CPUS)(count_newlines)
+    return read_pieces("ReadJSONLines", ranges, _read_json_range, credentials)
 
 
 def _read_json_range(r: dict) -> Iterator:

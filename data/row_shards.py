@@ -11,6 +11,7 @@ import numpy as np
 import ray
 from etils import epath
 
+from raysft.data.credentials import NONE, Credentials
 from raysft.data.data_nodes import task_options
 from raysft.data.locations import load_array, location, save_array
 from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
@@ -53,7 +54,7 @@ def rows_per_shard(seq_len: int) -> int:
 
 def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Path, store_dir: epath.Path, seq_len: int,
                      shard_rows: int, progress: Callable[[int], None] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     name: str = "rows", env: dict[str, str] | None = None) -> list[int]:
+                     name: str = "rows", credentials: Credentials = NONE) -> list[int]:
     """Row shards of `shard_rows` rows (the last one shorter), one task each, spread over
     the cluster's nodes; returns the row count of each shard."""
     bounds = list(range(0, placements.num_rows, shard_rows)) + [placements.num_rows]
@@ -63,8 +64,8 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Pa
         part = placements.rows(start, stop)
         needed = np.unique(part.doc).tolist()
         places = {d: (docs.shard_names[docs.shard[d]], int(docs.offset[d]), int(docs.length[d])) for d in needed}
-        write = _write_shard.options(**task_options(selector), runtime_env={"env_vars": env} if env else None)
-        pending[write.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
+        write = _write_shard.options(**task_options(selector), runtime_env=credentials.runtime_env())
+        pending[write.remote(credentials, str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
     remaining = list(pending)
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1, timeout=timeout_s)
@@ -77,9 +78,10 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Pa
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def _write_shard(store_dir: str, index: int, part: Placements, places: dict[int, tuple[str, int, int]],
+def _write_shard(credentials: Credentials, store_dir: str, index: int, part: Placements, places: dict[int, tuple[str, int, int]],
                  docs_dir: str, seq_len: int) -> None:
     """`places`: each document's encoded shard, offset and length."""
+    credentials.apply()
     opened: dict[str, tuple[np.ndarray, ...]] = {}
 
     def document(d: int):

@@ -19,10 +19,9 @@ from typing import Any, Callable
 
 import ray
 
+from raysft.data.credentials import NONE, Credentials
 from raysft.data.errors import DataError
-from raysft.data.files import (
-    SUFFIXES, file_size, first_line, is_remote, list_files, remote_fingerprint, scan_local, storage_env,
-)
+from raysft.data.files import SUFFIXES, file_size, first_line, is_remote, list_files, remote_fingerprint, scan_local
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER, chunk_bytes, first_columns, read_files, read_pieces
 
 STREAM_BATCH_ROWS = 1000
@@ -115,10 +114,10 @@ def _hub_dataset(name: str, split: str = "train", data_dir: str | None = None, k
         raise DataError(
             f"dataset {name!r} is not a local file and loading it from the hub failed: {first_line(err)}"
         ) from None
-    return _stream(stream, name, _digest([name, split, data_dir, kwargs, revision]), storage_env(["hf://"]))
+    return _stream(stream, name, _digest([name, split, data_dir, kwargs, revision]), Credentials.of_driver())
 
 
-def _stream(stream, name: str, fingerprint: str | None, env: dict | None = None) -> Source:
+def _stream(stream, name: str, fingerprint: str | None, credentials: Credentials = NONE) -> Source:
     """An IterableDataset read shard by shard in tasks, rows as JSON (Arrow would reject
     rows whose fields change type)."""
     shards = max(int(getattr(stream, "num_shards", None) or getattr(stream, "n_shards", 1) or 1), 1)
@@ -144,7 +143,7 @@ def _stream(stream, name: str, fingerprint: str | None, env: dict | None = None)
             yield _json_table(pa, lines, shard, numbers)
 
     def read():
-        return read_pieces("ReadIterableDataset", [{"shard": i} for i in range(shards)], read_shard, env)
+        return read_pieces("ReadIterableDataset", [{"shard": i} for i in range(shards)], read_shard, credentials)
 
     return Source(name, read, list(first) if isinstance(first, dict) else [], fingerprint, parts)
 

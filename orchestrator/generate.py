@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from raysft.data.credentials import Credentials
 from raysft.data.errors import DataError
 from raysft.data.locations import location
 from raysft.orchestrator.cluster import connect
@@ -67,13 +68,14 @@ class RemoteGenerator:
 
         spec, chosen, self.what = server_spec(model, step, dtype)
         connect(1)
+        credentials = Credentials.of_driver()
         env = worker_env(spec.backend == "cpu" and not resources)
         resources = dict(resources or {"CPU": 1})
         actor = ray.remote(GenerationServer).options(
             num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources,
-            runtime_env={"env_vars": env},
+            runtime_env=credentials.runtime_env(env),
         )
-        self.actor = actor.remote(spec.as_dict(), chosen)
+        self.actor = actor.remote(spec.as_dict(), chosen, credentials)
 
     def generate(
         self, prompts: list, sampling: SamplingParams, stop_strings: list[str] = (), truncate: bool = False, warn=print,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ray
 
-from raysft.orchestrator.worker_group import worker_env
+from raysft.data.credentials import Credentials
 from raysft.workers.shared_storage import what_this_host_misses
 
 ANSWER_TIMEOUT_S = 300
@@ -20,11 +20,12 @@ def check_every_node(marker: tuple[str, str], model: str) -> None:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if len(nodes) < 2:  # the driver's own node: it has just written the marker
         return
-    look = ray.remote(num_cpus=0, max_retries=0)(what_this_host_misses)
+    credentials = Credentials.of_driver()
+    look = ray.remote(num_cpus=0, max_retries=0)(credentials.around(what_this_host_misses))
     answers = [
         look.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-            runtime_env={"env_vars": worker_env(cpu=False)},
+            runtime_env=credentials.runtime_env(),
         ).remote(marker, model)
         for node in nodes
     ]

@@ -8,6 +8,7 @@ import json
 from etils import epath
 
 from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.redact import redact
 from raysft.workers.models.source import ModelSource
 
 RUN_FILE = "run.json"
@@ -21,8 +22,9 @@ class RunRecord:
     def write(self, run_dir: epath.Path) -> None:
         record = {
             "model": str(self.model),
-            # Only what was set: defaults of a later raysft apply on reading, as they would on a rerun.
-            "config": self.config.model_dump(mode="json", exclude_unset=True),
+            # Only what was set: defaults of a later raysft apply on reading, as they would on a
+            # rerun. No secret: what reads it back (export, generate) reads no dataset.
+            "config": redact(self.config.model_dump(mode="json", exclude_unset=True)),
         }
         (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -23,6 +23,7 @@ from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.progress import ProgressReporter
 from raysft.orchestrator.ray_logs import ray_logs_to
+from raysft.orchestrator.redact import redact
 from raysft.orchestrator.report import write_report
 from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.orchestrator.run_record import RunRecord
@@ -251,7 +252,8 @@ class SFTTrainer:
         tracker = None
         if args.use_wandb:
             tracker = WandbTracker(
-                staging_dir(run_dir), args.model_name, args.wandb_project, args.wandb_entity, args.model_dump(mode="json")
+                staging_dir(run_dir), args.model_name, args.wandb_project, args.wandb_entity,
+                redact(args.model_dump(mode="json")),
             )
         try:
             with ProgressReporter(quiet=self.quiet, sinks=[tracker] if tracker else []) as progress:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from etils import epath
 
-from raysft.data.files import STORAGE_ENV, portable_filesystem
+from raysft.data.credentials import Credentials
+from raysft.data.files import portable_filesystem
 from raysft.data.locations import is_object_storage
 from raysft.orchestrator.config import SFTConfig
 from raysft.workers.xla_cpu import cpu_worker_env
 
 
 def worker_env(cpu: bool) -> dict[str, str]:
-    """Environment of a worker process: the driver's storage credentials and endpoints
-    (models, checkpoints and data on object storage are read with them whatever
-    environment the nodes were started in); on CPU, JAX kept there, raysft's XLA:CPU
-    options and glibc tunables (Ray starts the process with them, where glibc reads them)."""
-    env = {name: os.environ[name] for name in STORAGE_ENV if name in os.environ}
+    """What a worker process starts with besides the driver's storage settings (never a
+    secret: `Credentials`): on CPU, JAX kept there, raysft's XLA:CPU options and glibc
+    tunables (Ray starts the process with them, where glibc reads them)."""
+    env = {}
     if cpu:
         env["JAX_PLATFORMS"] = "cpu"
         env.update(cpu_worker_env())
@@ -52,8 +51,11 @@ def worker_group(
     # made here: its controller runs on another node, without the driver's environment.
     storage_fs, storage_path = portable_filesystem((run_dir / "ray").as_posix()) if is_object_storage(run_dir) else (
         None, str(run_dir / "ray"))
+    # Models, checkpoints and data on object storage are read with the driver's
+    # credentials, whatever environment the nodes were started in.
+    credentials = Credentials.of_driver()
     return JaxTrainer(
-        loop,
+        credentials.around(loop),
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=RunConfig(
@@ -61,6 +63,6 @@ def worker_group(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
-            worker_runtime_env={"env_vars": worker_env(args.backend == "cpu")},
+            worker_runtime_env=credentials.runtime_env(worker_env(args.backend == "cpu")) or {},
         ),
     )

@@ -176,19 +176,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def start_s3_server():
-    """A real S3-compatible server (moto's) on 127.0.0.1: (server, endpoint URL)."""
+    """A real S3-compatible server (moto's) on 127.0.0.1 that checks every request's
+    signature against the one IAM user it has: (server, the standard AWS environment with
+    that user's keys). A process without them is refused (InvalidAccessKeyId)."""
+    import boto3
+    import requests
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
-
-
-def s3_environment(endpoint: str) -> dict[str, str]:
-    """The standard AWS environment pointing at the server (credentials it accepts)."""
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
-            "AWS_REGION": "us-east-1"}
+    endpoint = f"http://{host}:{port}"
+    # The next 3 requests (making the user, its policy and its key) go unchecked, then all are.
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"3", timeout=30).raise_for_status()
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="raysft")
+    iam.put_user_policy(UserName="raysft", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="raysft")["AccessKey"]
+    env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+           "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
+    return server, env
 
 
 def serve_bucket(bucket: str) -> str:
@@ -196,25 +205,25 @@ def serve_bucket(bucket: str) -> str:
     environment pointing at it, and `bucket` on it; returns `s3://bucket`."""
     import boto3
 
-    _, endpoint = start_s3_server()
-    os.environ.update(s3_environment(endpoint))
+    _, env = start_s3_server()
+    os.environ.update(env)
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    server, endpoint = start_s3_server()
-    yield endpoint
+def s3_session():
+    server, env = start_s3_server()
+    yield env
     server.stop()
 
 
 @pytest.fixture
-def s3_server(s3_endpoint, monkeypatch):
-    """The standard AWS environment pointing at the session's server."""
-    for name, value in s3_environment(s3_endpoint).items():
+def s3_server(s3_session, monkeypatch):
+    """The standard AWS environment with the session server's keys; its endpoint URL."""
+    for name, value in s3_session.items():
         monkeypatch.setenv(name, value)
-    return s3_endpoint
+    return s3_session["AWS_ENDPOINT_URL"]
 
 
 def free_port() -> int:

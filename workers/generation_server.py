@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+from raysft.data.credentials import NONE, Credentials
 from raysft.workers.spec import TrainSpec
 
 
 class GenerationServer:
-    def __init__(self, spec_fields: dict, step: int | None):
+    def __init__(self, spec_fields: dict, step: int | None, credentials: Credentials = NONE):
         """`spec_fields`: the model, its tokenizer and how it computes (a run's settings for
         a run directory); `step`: the checkpoint of `spec.checkpoint_dir` to load, or None
-        for the model's own weights. The mesh is this host's devices."""
+        for the model's own weights; `credentials`: the driver's, for a model or checkpoint
+        in object storage or on the hub. The mesh is this host's devices."""
+        credentials.apply()
         from raysft.workers.checkpoint import Checkpoints
         from raysft.workers.sharded_model import ShardedModel
         from raysft.workers.text_generation import TextGenerator

@@ -169,14 +169,25 @@ def _one_line_errors(prog: str, run) -> int:
     try:
         return run()
     except ValidationError as err:
-        print(f"{prog}: invalid configuration\n{err}", file=sys.stderr)
+        print(f"{prog}: invalid configuration: {validation_line(err)}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad model or data: already one line naming what is wrong
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file named by a flag that is missing or cannot be read
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except (TrainingFailed, ExportFailed) as err:
         print(f"{prog}: failed: {err}", *getattr(err, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
+
+
+def validation_line(err: ValidationError) -> str:
+    """Each of pydantic's errors as `field: message`, on one line."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
 
 
 def _trainer(config: SFTConfig, launch: dict):

@@ -322,6 +322,17 @@ class SFTConfig(BaseModel):
                 )
         return self
 
+    @field_validator("model_name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        """The run directory is save_directory/model_name, and nowhere else."""
+        if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")) or ":" in name:
+            raise ValueError(
+                f"model_name {name!r} must name one directory inside save_directory: not empty, not '.' or '..', "
+                "without '/', '\\' or ':'"
+            )
+        return name
+
     @field_validator("lora_init_from")
     @classmethod
     def _absolute_adapter_path(cls, value: str | None) -> str | None:

@@ -8,6 +8,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 from pydantic_settings import CliApp
 
 from raysft.orchestrator.cli import SFTCommand, accept_bare_bool_flags, main
@@ -70,6 +71,37 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"raysft sft: {broken}: not valid YAML: ") and f'in "{broken}", line 2' in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["sft", "--config", "{missing}", "--repo_id", "m", "--dataset_name", "d"],
+    ["sft", "--repo_id", "{missing}", "--dataset_name", "d.jsonl"],
+    ["preprocess", "--config", "{missing}"],
+    ["plan", "--repo_id", "{missing}", "--tpu_type", "v5p-8"],
+    ["export", "--run_dir", "{missing}"],
+    ["generate", "--model", "m", "--prompts_file", "{missing}"],
+    ["generate", "--model", "{missing}", "--prompt", "hi"],
+    ["chat", "--model", "{missing}"],
+])
+def test_every_command_names_a_missing_file_in_one_line(tmp_path, capsys, argv):
+    missing = str(tmp_path / "absent")
+    assert main([arg.replace("{missing}", missing) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raysft {argv[0]}: ") and missing in err and err.count("\n") == 1, err
+
+
+def test_unreadable_files_and_bad_arguments_are_one_line(tmp_path, capsys):
+    # A directory where a file belongs: open() fails with an OSError.
+    assert main(["generate", "--model", "m", "--prompts_file", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"raysft generate: {tmp_path}: Is a directory\n"
+    assert main(["sft", "--repo_id", "m", "--dataset_name", '{"a": {"path": "x.jsonl", "weight": 0.5}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raysft sft: ") and "dataset_name" in err and err.count("\n") == 1, err
+    for name in ("../escape", "", ".", "..", "a/b"):
+        assert main(["sft", "--repo_id", "m", "--dataset_name", "d", "--model_name", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"raysft sft: invalid configuration: model_name: model_name {name!r} must name one ")
+        assert err.count("\n") == 1
 
 
 def test_unreachable_object_storage_is_one_line(tmp_path, capsys, s3_server, tiny_model_dir):

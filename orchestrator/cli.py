@@ -134,8 +134,9 @@ class GenerateCommand(ChatCommand):
     prompt: str | None = Field(None, description="One prompt (a user message when the tokenizer has a chat template).")
     prompts_file: str | None = Field(None, description="JSON lines, each {\"prompt\": ...} or {\"messages\": [...]}.")
     raw: bool = Field(False, description="Use the prompt text as it is, without the chat template.")
-    truncate: bool = Field(False, description="Cut a prompt longer than the model's context from the left (with a "
-                           "warning) instead of stopping.")
+    truncate: bool = Field(False, description="Cut a prompt that leaves the answer less than --max_new_tokens of the "
+                           "model's context (with a warning) instead of stopping: a conversation's oldest turns go "
+                           "first, never its system prompt; text loses its first tokens after BOS.")
 
 
 def accept_bare_bool_flags(argv: list[str], command: type[BaseSettings] = SFTCommand) -> list[str]:

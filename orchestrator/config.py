@@ -136,7 +136,10 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: Literal[
         "none", "full", "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"
     ] = Field("none", description="Rematerialisation policy of each decoder layer (jax.checkpoint).")
-    scan_layers: bool = Field(False, description="Scan over stacked decoder layers: compile time flat in depth.")
+    scan_layers: bool = Field(
+        False, description="Scan over stacked decoder layers: compile time flat in depth. Default: true on TPU "
+        "(without unfreeze_schedule), false elsewhere."
+    )
     loss_chunk_size: int | None = Field(
         1024, gt=0, description="Positions per cross-entropy chunk; full logits are never stored (None: no chunking)."
     )
@@ -269,6 +272,17 @@ class SFTConfig(BaseModel):
                     close = difflib.get_close_matches(str(key), names, n=1)
                     hint = f"; did you mean {close[0]!r}?" if close else ""
                     raise ValueError(f"unknown field {key!r}{hint}")
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scan_on_tpu(cls, values):
+        """TPU runs scan their layers unless told otherwise: the compile time of an unscanned
+        step grows with depth (a 70B model's 80 layers ran past 10 minutes on a 2-core
+        head, for `raysft plan` and again on every host)."""
+        if isinstance(values, dict) and "scan_layers" not in values and not values.get("unfreeze_schedule"):
+            if values.get("backend") == "tpu" or any(values.get(k) for k in ("tpu_type", "accelerator_type", "topology")):
+                values = {**values, "scan_layers": True}
         return values
 
     @model_validator(mode="after")

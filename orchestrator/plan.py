@@ -23,6 +23,8 @@ from raysft.workers.compiled_run import CompiledRun, StepEstimate, estimate_step
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.spec import TrainSpec
 
+# Deeper unscanned models take the TPU compiler minutes on a small head.
+UNSCANNED_WARNING_LAYERS = 16
 # Candidates a search compiles, cheapest first, before it asks whether anything fits.
 MAX_CANDIDATES = 12
 
@@ -50,6 +52,11 @@ class Plan:
         return self.tpu.chip.usable_hbm_bytes
 
     @property
+    def unit(self) -> str:
+        """What one program runs on: a chip, or a TensorCore where each is its own device."""
+        return "chip" if self.tpu.chip.devices_per_chip == 1 else "device"
+
+    @property
     def programs(self) -> list:
         return [p for p in (self.compiled.train, self.compiled.eval, self.compiled.export) if p is not None]
 
@@ -66,8 +73,14 @@ class Plan:
         """One line: fits with its headroom, or not with the smallest change that fits."""
         chip = self.tpu.chip.name
         if self.fits:
-            return f"fits: {self.total / GiB:.2f} GiB of {self.hbm / GiB:.2f} GiB per {chip} chip"
-        line = f"does not fit: {self.total / GiB:.2f} GiB per chip, a {chip} chip has {self.hbm / GiB:.2f} GiB"
+            return f"fits: {self.total / GiB:.2f} GiB of {self.hbm / GiB:.2f} GiB per {chip} {self.unit}"
+        if self.compiled.train.bound_only:
+            line = (f"does not fit: at least {self.total / GiB:.2f} GiB per {self.unit} for the parameters, "
+                    f"optimizer state and gradients alone, {(self.total - self.hbm) / GiB:.2f} GiB over what a {chip} "
+                    f"{self.unit} has ({self.hbm / GiB:.2f} GiB)")
+        else:
+            line = (f"does not fit: {self.total / GiB:.2f} GiB per {self.unit}, a {chip} {self.unit} has "
+                    f"{self.hbm / GiB:.2f} GiB")
         if self.fix is not None:
             return f"{line}; smallest change that fits: {self.fix.describe()} ({self.fix_total / GiB:.2f} GiB)"
         if self.tried:
@@ -82,7 +95,8 @@ class Plan:
         lines = [
             f"{self.model_dir / 'config.json'}: {cfg.architecture}, {_count_words(self.parameters)} parameters",
             f"on {tpu.tpu_type}{f' x {tpu.num_slices} slices' if tpu.num_slices > 1 else ''}: {tpu.chips} {tpu.chip.name} "
-            f"chips ({tpu.chip.hbm_bytes / GiB:.0f} GiB HBM each, {self.hbm / GiB:.2f} GiB for one program), "
+            f"chips ({tpu.chip.hbm_bytes / GiB:.0f} GiB HBM each, {_devices(tpu.chip)}{self.hbm / GiB:.2f} GiB for "
+            "one program), "
             f"{_plural(tpu.num_workers, 'host')}, topology {tpu.topology}",
             "mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
             + f"; batch {c.total_batch_size} x {c.max_sequence_length} tokens in "
@@ -92,7 +106,7 @@ class Plan:
             f"{ {True: 'yes', False: 'no', None: 'unknown, it did not compile'}[run.uses_splash]}); "
             f"remat {c.gradient_checkpointing}; scan_layers {c.scan_layers}",
             "",
-            f"{'per chip, GiB':<28}{'train':>9}{'eval':>9}{'export':>9}",
+            f"{f'per {self.unit}, GiB':<28}{'train':>9}{'eval':>9}{'export':>9}",
         ]
 
         def row(label, *values):
@@ -102,11 +116,15 @@ class Plan:
         row("parameters", run.param_bytes)
         row("optimizer state", run.optimizer_bytes)
         row("batch", run.batch_bytes)
+        row("gradients (temporaries)", run.gradient_bytes)
         programs = (run.train, run.eval, run.export)
         row("temporaries (activations)", *(p and p.temp for p in programs))
         row("total", *(p and p.total for p in programs))
         refused = [name for name, p in zip(("train", "eval", "export"), programs) if p and p.out_of_memory]
-        if refused:
+        if run.train.bound_only:
+            lines.append("  (train: not compiled; parameters, optimizer state, batch and gradients alone are over "
+                         "the chip's memory)")
+        elif refused:
             lines.append(f"  ({', '.join(refused)}: refused by the compiler for memory; total as it reported it)")
         lines.append(f"  {'compile seconds':<26}" + "".join(f"{'' if p is None else f'{p.compile_s:.1f}':>9}" for p in programs))
         lines.append("")
@@ -128,8 +146,12 @@ class Plan:
         e = self.estimate
         return (
             f"estimate (the TPU compiler's cost model, not a measurement): {e.seconds:.4g} s per step, "
-            f"{e.tokens_per_second_per_device:,.0f} tokens/s per chip ({e.compile_s:.0f} s to compile its 2 programs)"
+            f"{e.tokens_per_second_per_device:,.0f} tokens/s per {self.unit} ({e.compile_s:.0f} s to compile its 2 programs)"
         )
+
+
+def _devices(chip) -> str:
+    return f"as {chip.devices_per_chip} devices of {chip.device_hbm_bytes / GiB:.0f} GiB, " if chip.devices_per_chip > 1 else ""
 
 
 def _plural(n: int, noun: str) -> str:
@@ -172,8 +194,13 @@ def plan(
     hf = read_hf_config(model_dir / "config.json")
     ModelConfig.from_hf_dict(hf, source=str(model_dir / "config.json"))  # an unsupported model: one line, early
     devices = tpu.compile_devices()
-    say(f"compiling for {tpu.tpu_type} ({len(devices)} chips) ...")
-    compiled = CompiledRun.compile(plan_spec(config, model_dir), devices, with_eval=evaluate, with_export=export)
+    say(f"compiling for {tpu.tpu_type} ({len(devices)} devices) ...")
+    layers = hf.get("num_hidden_layers", 0)
+    if not config.scan_layers and layers > UNSCANNED_WARNING_LAYERS:
+        say(f"scan_layers is false: the compiler sees all {layers} layers, which takes minutes for a deep model "
+            "(scan_layers true compiles one)")
+    compiled = CompiledRun.compile(plan_spec(config, model_dir), devices, with_eval=evaluate, with_export=export,
+                                   hbm_bytes=tpu.chip.usable_hbm_bytes)
     parameters = sum(math.prod(s.shape) for s in compiled.programs.model.layout.shapes.values())
     result = Plan(config, model_dir, tpu, parameters, compiled)
     if estimate and result.fits:
@@ -201,7 +228,8 @@ def _search(result: Plan, devices, hf: dict, say: Callable[[str], None]) -> None
         trial = config.model_copy(update=dict(change.updates))
         start = time.perf_counter()
         try:
-            run = CompiledRun.compile(plan_spec(trial, result.model_dir), devices, with_eval=False, with_export=False)
+            run = CompiledRun.compile(plan_spec(trial, result.model_dir), devices, with_eval=False, with_export=False,
+                                      hbm_bytes=result.hbm)
         except ValueError as err:  # a split the model's dimensions do not allow
             say(f"  {change.describe()}: not possible ({err})")
             failed.append(change)

@@ -220,11 +220,12 @@ class SFTTrainer:
         minute on a CPU head) and stop if it cannot fit, before a slice is requested."""
         from raysft.orchestrator.plan import DoesNotFit, plan
         from raysft.orchestrator.tpu import CompilerUnavailable
+        from raysft.workers.chips import UnknownChip
 
         args = self.args
         try:
             result = plan(args, self.model_dir, evaluate=False, export=False, estimate=False, search=False)
-        except CompilerUnavailable as err:
+        except (CompilerUnavailable, UnknownChip) as err:
             print(f"raysft: warning: not checking that the run fits {args.tpu_slice.tpu_type} ({err})")
             return
         if not result.fits:

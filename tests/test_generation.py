@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,57 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tmp_path):
     assert sampler.generate(model.params, prompts, SamplingParams(16, 1.5, top_k=1, seed=3)) == greedy
 
 
+def _softmax_reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The distribution sampling should draw from, written out: softmax of logits /
+    temperature over the top_k largest, then the fewest largest whose mass reaches top_p."""
+    order = np.argsort(-logits)
+    keep = np.zeros(len(logits), bool)
+    keep[order[: top_k or len(logits)]] = True
+    probs = np.where(keep, np.exp((logits - logits.max()) / temperature), 0.0)
+    probs /= probs.sum()
+    mass = np.cumsum(probs[order])
+    keep[order[np.searchsorted(mass, top_p) + 1:]] = False
+    probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (2.0, 6, 0.9)])
+def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
+    """20,000 draws against the distribution written out in numpy: no token outside the
+    filter, frequencies within a chi-square test (p > 1e-4) and 0.02 total variation."""
+    from scipy.stats import chisquare
+
+    from raysft.workers.sampler import sample_tokens
+
+    logits = np.random.default_rng(0).normal(0, 1.5, size=10).astype(np.float32)
+    expected = _softmax_reference(logits.astype(np.float64), temperature, top_k, top_p)
+    draws = 20_000
+    tokens = np.asarray(sample_tokens(jnp.tile(logits, (draws, 1)), jax.random.key(7), jnp.float32(temperature),
+                                      jnp.int32(top_k), jnp.float32(top_p)))
+    counts = np.bincount(tokens, minlength=len(logits))
+    assert not counts[expected == 0].any()
+    kept = expected > 0
+    assert chisquare(counts[kept], draws * expected[kept]).pvalue > 1e-4
+    assert 0.5 * np.abs(counts / draws - expected).sum() < 0.02
+
+
+def test_the_sampling_key_advances_with_every_token(tmp_path):
+    """At a temperature where the softmax is uniform, each step's token is a fresh uniform
+    draw: a key reused across steps would repeat the same token."""
+    from scipy.stats import chisquare
+
+    model_dir = save_tiny_model(tmp_path, vocab_size=97)
+    model = rs.AutoModelForCausalLM.from_pretrained(model_dir)
+    sampler = Sampler(model.layout, stop_token_ids=[], max_length=256)
+    rows = sampler.generate(model.params, [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=240, temperature=1e4, seed=3))
+    tokens = np.array(rows)
+    assert tokens.shape == (2, 240)
+    repeats = np.mean(tokens[:, 1:] == tokens[:, :-1])
+    assert repeats < 0.05, repeats  # 1/97 expected
+    assert (tokens[0] != tokens[1]).mean() > 0.9  # rows draw apart within a step
+    assert chisquare(np.bincount(tokens.ravel(), minlength=97)).pvalue > 1e-4
+
+
 def test_stops_at_stop_tokens_and_strings_and_refuses_bad_input(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -117,10 +170,19 @@ def test_stops_at_stop_tokens_and_strings_and_refuses_bad_input(tiny_model_dir):
     assert generator.generate(params, ["the cat"], SamplingParams(24), stop_strings=[cut_at])[0] == text[: text.index(cut_at)]
 
     long_prompt = "the cat sat on the mat " * 20
-    with pytest.raises(PromptTooLong, match=r"prompt 0 has \d+ tokens, more than the model's context of 40"):
+    with pytest.raises(PromptTooLong, match=r"prompt 0 has \d+ tokens: with max_new_tokens 4, more than the model's "
+                       "context of 40"):
         generator.generate(params, [long_prompt], SamplingParams(4))
     answers, warnings = generator.generate_with_warnings(params, [long_prompt], SamplingParams(4), truncate=True)
     assert len(answers) == 1 and "its first" in warnings[0]
+    # A prompt that fits, but not with the answer it asks for: refused, or cut to leave room.
+    fits = generator.encode("the cat sat on the mat")
+    assert len(fits) < 40 < len(fits) + 24
+    with pytest.raises(PromptTooLong, match="with max_new_tokens 24"):
+        generator.sampler.generate(params, [fits], SamplingParams(24))
+    _, warnings = generator.generate_with_warnings(params, ["the cat sat on the mat"], SamplingParams(24),
+                                                   truncate=True)
+    assert "more than the 16 the model's context of 40 leaves beside 24 new ones" in warnings[0]
     for bad, message in [
         (dict(max_new_tokens=0), "max_new_tokens must be > 0"), (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
@@ -174,3 +236,38 @@ def test_sharded_parameters_generate_what_one_device_does(tmp_path):
         prompts = [rng.integers(1, 96, size=n).tolist() for n in (3, 11, 7, 20)[:count]]
         expected = Sampler(single.layout, [], 512).generate(single.params, prompts, sampling)
         assert Sampler(layout, [], 512, mesh=mesh).generate(params, prompts, sampling) == expected
+
+
+def test_chat_truncation_keeps_the_system_prompt_and_drops_the_oldest_turns(chat_model_dir):
+    from transformers import AutoTokenizer
+
+    from raysft.workers.text_generation import TextGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    model = rs.AutoModelForCausalLM.from_pretrained(chat_model_dir)
+    generator = TextGenerator(model.layout, tokenizer, None, max_length=256)
+    system = {"role": "system", "content": "be brief"}
+    turns = [{"role": role, "content": f"turn {i} the cat sat on the mat"}
+             for i, role in zip(range(8), ["user", "assistant"] * 4)]
+    prompt = {"messages": [system, *turns]}
+    (ids,), warnings = generator.encode_all([prompt], truncate=True, room=8)
+    kept = next(n for n in range(1, 8) if generator.encode({"messages": [system, *turns[n:]]}) == ids)
+    assert len(generator.encode(prompt)) > 248 >= len(ids)
+    assert len(generator.encode({"messages": [system, *turns[kept - 1:]]})) > 248
+    assert f"its {kept} oldest messages were left out" in warnings[0]
+    text = tokenizer.decode(ids)
+    assert text.startswith(tokenizer.decode(generator.encode({"messages": [system]}))) and "turn 7" in text
+    with pytest.raises(PromptTooLong, match="the last message alone"):
+        generator.encode_all([{"messages": [system, {"role": "user", "content": "cat " * 300}]}], truncate=True)
+
+
+def test_a_copy_for_decoding_must_fit_beside_what_training_holds():
+    """Training's parameters and optimizer state hold 60% of the device: a copy of the
+    parameters (a quarter of it) would leave too little for the KV cache, so decoding
+    uses the training shards."""
+    from raysft.workers.sampler import copy_fits
+
+    limit = 16 << 30
+    assert not copy_fits({"bytes_limit": limit, "bytes_in_use": int(0.6 * limit)}, limit // 4)
+    assert copy_fits({"bytes_limit": limit, "bytes_in_use": int(0.1 * limit)}, limit // 4)
+    assert copy_fits(None, limit)  # CPU devices report nothing: one host's copy is its own memory

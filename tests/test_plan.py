@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
+import raysft as rs
 from conftest import write_jsonl
 from raysft.orchestrator.cli import main
+from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.plan import plan, plan_spec
+from raysft.workers.chips import GiB, TPU_CHIPS
+from raysft.workers.compiled_run import CompiledRun
 from test_tpu_compile import SMALL
 
 needs_libtpu = pytest.mark.skipif(
@@ -38,7 +44,17 @@ def test_plan_of_a_run_that_fits(config_dir, capsys):
     assert "fits: " in out and "GiB headroom" in out
     estimate = out.split("estimate (the TPU compiler's cost model, not a measurement): ")[1]
     seconds, tokens = float(estimate.split(" s per step")[0]), float(estimate.split(", ")[1].split(" tokens/s")[0].replace(",", ""))
-    assert 0 < seconds < 1 and tokens == pytest.approx(8 * 1024 / seconds / 4, rel=2e-3)
+    assert tokens == pytest.approx(8 * 1024 / seconds / 4, rel=2e-3)
+    # The step's FLOPs, counted by hand from config.json: no step runs faster than 4 v6e
+    # chips at their peak, and a cost model that made it 30x slower would be wrong too.
+    d, f, v, layers = SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["vocab_size"], SMALL["num_hidden_layers"]
+    attention = SMALL["num_attention_heads"] * SMALL["head_dim"]
+    kv = SMALL["num_key_value_heads"] * SMALL["head_dim"]
+    matmul_params = v * d + layers * (2 * d * attention + 2 * d * kv + 3 * d * f)  # the input embedding is a lookup
+    causal_pairs = 8 * 1024 * 1025 / 2
+    flops = 6 * matmul_params * 8 * 1024 + 3 * layers * 4 * attention * causal_pairs
+    fastest = flops / (4 * 918e12)
+    assert fastest < seconds < 30 * fastest, (seconds, fastest)
 
 
 @needs_libtpu
@@ -87,4 +103,78 @@ def test_plan_bad_input_is_one_line(config_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
     assert error("--repo_id", str(config_dir), "--tpu_type", "v5p-8").startswith(
         "raysft plan: compiling for a TPU slice needs libtpu on this machine: pip install 'raysft[tpu]'"
+    )
+
+
+LLAMA_70B = Path(__file__).parents[1] / "benchmarks" / "model_configs" / "Llama-3.1-70B"
+
+
+@needs_libtpu
+def test_arithmetic_refuses_what_cannot_fit_before_compiling():
+    """Llama-3.1-70B fully fine-tuned on v5e-8: its fp32 parameters, AdamW state and
+    gradients alone are 131 GiB per chip (a count from config.json), against 15.75 GiB.
+    Nothing is compiled, for the run nor for any change the search tries."""
+    from test_tpu_compile import expected_argument_bytes
+
+    result = plan(SFTConfig(tpu_type="v5litepod-8", max_sequence_length=4096, total_batch_size=8, dtype="bfloat16"),
+                  LLAMA_70B, evaluate=False, estimate=False)
+    hf = json.loads((LLAMA_70B / "config.json").read_text())
+    hf.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    counted = expected_argument_bytes(hf, 8, 8, 4096)
+    params = counted // 3  # parameters + 2 AdamW moments (+ counters and the batch, a rounding here)
+    assert result.compiled.lower_bound == pytest.approx(counted + params, rel=1e-3)
+    assert result.compiled.train.bound_only and result.compiled.train.compile_s == 0
+    assert not result.fits and result.fix is None and result.tried
+    assert all(total > result.hbm for _, total in result.tried)
+    over = (result.compiled.lower_bound - result.hbm) / GiB
+    assert result.verdict().startswith(
+        f"does not fit: at least {result.total / GiB:.2f} GiB per chip for the parameters, optimizer state and "
+        f"gradients alone, {over:.2f} GiB over what a v5e chip has (15.75 GiB)"
+    )
+
+
+@needs_libtpu
+def test_unfreeze_schedule_plans_its_last_stage(config_dir):
+    """The last stage trains every layer: the plan holds that one's gradients and
+    optimizer state, as much as training everything from the start."""
+    run = dict(tpu_type="v5p-8", dtype="bfloat16", total_batch_size=8, max_sequence_length=512, scan_layers=False)
+    devices = SFTConfig(**run).tpu_slice.compile_devices()
+
+    def compiled(**settings):
+        return CompiledRun.compile(plan_spec(SFTConfig(**run, **settings), config_dir), devices, with_eval=False,
+                                   with_export=False)
+
+    everything, staged = compiled(), compiled(unfreeze_schedule={"layers": 1, "every_steps": 10})
+    assert staged.gradient_bytes == everything.gradient_bytes
+    assert staged.optimizer_bytes == pytest.approx(everything.optimizer_bytes, abs=4096)  # a counter per stage
+    assert staged.train.total == pytest.approx(everything.train.total, rel=0.02)
+
+
+@needs_libtpu
+def test_v7x_plans_per_tensorcore(config_dir, capsys):
+    """Ironwood's two TensorCores are two devices of 96 GiB each (libtpu offers 94.75 GiB)."""
+    code = main(["plan", "--repo_id", str(config_dir), "--tpu_type", "v7x-8", "--dtype", "bfloat16",
+                 "--total_batch_size", "8", "--max_sequence_length", "1024", "--estimate", "false"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on v7x-8: 4 v7x chips (192 GiB HBM each, as 2 devices of 96 GiB, 94.75 GiB for one program)" in out
+    assert "fits: " in out and " GiB of 94.75 GiB per v7x device" in out
+
+
+def test_chips_offer_no_more_than_they_have():
+    for chip in TPU_CHIPS:
+        assert chip.usable_hbm_bytes <= chip.device_hbm_bytes, chip.name
+
+
+@needs_libtpu
+def test_an_unknown_chip_skips_the_pre_training_check_with_a_warning(config_dir, tmp_path, capsys, monkeypatch):
+    from raysft.workers import chips
+
+    monkeypatch.setattr(chips, "TPU_CHIPS", tuple(c for c in chips.TPU_CHIPS if c.name != "v6e"))
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}])
+    config = SFTConfig(tpu_type="v6e-4", save_directory=str(tmp_path / "runs"))
+    rs.SFTTrainer(arguments=config, model=str(config_dir), train_dataset=str(data)).check_fits()
+    assert capsys.readouterr().out == (
+        "raysft: warning: not checking that the run fits v6e-4 (TPU generation 'v6e' has no memory figures in "
+        "raysft; known: v2, v3, v4, v5litepod, v5e, v5p, v7x)\n"
     )

@@ -48,6 +48,9 @@ class ProgramMemory:
     total: int
     compile_s: float
     out_of_memory: bool = False
+    # Refused before compiling: `total` is a lower bound (what the step's arguments and
+    # gradients alone need), not the compiler's figure.
+    bound_only: bool = False
 
     @classmethod
     def of(cls, compiled, compile_s: float) -> "ProgramMemory":
@@ -94,8 +97,9 @@ class CompiledRun:
     param_bytes: int
     optimizer_bytes: int
     batch_bytes: int
-    train: ProgramMemory
-    train_hlo: str
+    gradient_bytes: int  # the trained parameters' gradients, all live at once where clipped by global norm
+    train: ProgramMemory | None = None
+    train_hlo: str = ""
     eval: ProgramMemory | None = None
     export: ProgramMemory | None = None  # total: resident parameters + the largest gather
     export_largest_gather: int = 0  # bytes one device receives in the largest gather
@@ -105,19 +109,33 @@ class CompiledRun:
         """Whether the compiled step calls the splash kernel (None: it did not compile)."""
         return "splash" in self.train_hlo if self.train_hlo else None
 
+    @property
+    def lower_bound(self) -> int:
+        """Bytes per device no train step can do with less: its arguments (parameters,
+        optimizer state, batch) and the gradients of what it trains."""
+        return self.param_bytes + self.optimizer_bytes + self.batch_bytes + self.gradient_bytes
+
     @classmethod
     def compile(
-        cls, spec: TrainSpec, devices, total_steps: int = 1000, with_eval: bool = True, with_export: bool = True
+        cls, spec: TrainSpec, devices, total_steps: int = 1000, with_eval: bool = True, with_export: bool = True,
+        hbm_bytes: int | None = None,
     ) -> "CompiledRun":
+        """With `hbm_bytes`, a run whose lower bound is over it is refused without compiling
+        (its `train.bound_only`): arithmetic answers in a second where the compiler of a
+        70B model's step takes minutes to say the same."""
         model = ShardedModel.build(spec, devices)
         programs = _programs(model, spec, total_steps)
         params, opt_state = model.abstract_params(), programs.abstract_opt_state()
         batch = programs.abstract_batch(spec.total_batch_size, spec.max_sequence_length)
-        compiled, memory = _compile_memory(_lower_train_step(programs, batch))
         run = cls(
-            programs, _shard_bytes(params), _shard_bytes(opt_state), _shard_bytes(batch), memory,
-            compiled.as_text() if compiled is not None else "",
+            programs, _shard_bytes(params), _shard_bytes(opt_state), _shard_bytes(batch),
+            _shard_bytes(programs.abstract_trained()) if spec.clip_grad else 0,
         )
+        if hbm_bytes is not None and run.lower_bound > hbm_bytes:
+            run.train = ProgramMemory(None, None, None, None, run.lower_bound, 0.0, out_of_memory=True, bound_only=True)
+            return run
+        compiled, run.train = _compile_memory(_lower_train_step(programs, batch))
+        run.train_hlo = compiled.as_text() if compiled is not None else ""
         if with_eval:
             run.eval = _compile_memory(programs.eval_step.lower(params, batch))[1]
         if with_export:
@@ -192,9 +210,10 @@ def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | N
 
 
 def _programs(model: ShardedModel, spec: TrainSpec, total_steps: int) -> RunPrograms:
-    """The programs of the run's first stage: LoRA's adapters or what freezing leaves."""
+    """The programs of the run's largest stage: LoRA's adapters or what freezing leaves,
+    with every layer an `unfreeze_schedule` unfreezes (its last stage trains the most)."""
     trainable = for_run(spec, model.layout.shapes, model.config.num_hidden_layers, steps_per_epoch=1)
-    return RunPrograms.build(model, spec, total_steps, trainable.groups_at(0))
+    return RunPrograms.build(model, spec, total_steps, trainable.stages)
 
 
 def _lower_train_step(programs: RunPrograms, batch):

@@ -81,8 +81,8 @@ def peak_flops(device, compute_dtype="bfloat16") -> tuple[float, str]:
     chip = chip_of_device(device)
     if chip is not None:
         if np.dtype(compute_dtype) == np.float32 and chip.fp32_peak_flops:
-            return chip.fp32_peak_flops, f"{chip.name} fp32 (TF32) peak"
-        return chip.peak_flops, f"{chip.name} bf16 peak"
+            return chip.fp32_peak_flops / chip.devices_per_chip, f"{chip.name} fp32 (TF32) peak"
+        return chip.peak_flops / chip.devices_per_chip, f"{chip.name} bf16 peak"
     if device.platform == "cpu":
         return _cpu_probe(), "cpu matmul probe, all cores (achieved, not peak)"
     return float("nan"), f"unknown device {device.device_kind}"

@@ -138,9 +138,10 @@ class Sampler:
         for i, prompt in enumerate(prompts):
             if not len(prompt):
                 raise ValueError(f"prompt {i} is empty")
-            if len(prompt) > self.max_length:
+            if len(prompt) + sampling.max_new_tokens > self.max_length:
                 raise PromptTooLong(
-                    f"prompt {i} has {len(prompt)} tokens, more than the model's context of {self.max_length}"
+                    f"prompt {i} has {len(prompt)} tokens: with max_new_tokens {sampling.max_new_tokens}, more than "
+                    f"the model's context of {self.max_length}"
                 )
         # Rows to a power of two, so they split evenly over a mesh.
         rows, width = 1 << (len(prompts) - 1).bit_length(), _bucket(max(map(len, prompts)), _MIN_PROMPT_BUCKET)
@@ -223,11 +224,21 @@ class Sampler:
         return jax.lax.while_loop(lambda s: (s["steps"] < limit) & ~jnp.all(s["done"]), step, state)
 
 
+def copy_fits(stats: dict | None, copy_bytes: int) -> bool:
+    """Whether a whole copy of the parameters fits in half of what a device has free now
+    (`memory_stats()`: what training holds is in use; the other half is for the KV cache
+    and decoding's temporaries). A device that reports nothing (a CPU) takes it."""
+    if not stats or "bytes_limit" not in stats:
+        return True
+    return copy_bytes <= (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where decoding runs. Parameters that fit a quarter of a device's memory are copied
-    to every device, so no decoded token needs a collective; larger ones stay sharded as
-    in training (each token gathers them layer by layer). On CPU one device per host
+    """Where decoding runs. Parameters whose copy fits beside what training holds
+    (`copy_fits`, asked at every `place`) are copied to every device, so no decoded token
+    needs a collective; else they stay sharded as in training (each token gathers them
+    layer by layer). On CPU one device per host
     decodes: a host's virtual devices share its cores, and rows split across them decode
     slower than on one (32 prompts x 48 tokens of SmolLM2-135M: 10.6 s on one device of
     a 2-core host, 18.4 s over its 4 virtual devices)."""
@@ -236,11 +247,8 @@ class Placement:
     replicate: bool
 
     @classmethod
-    def choose(cls, mesh: jax.sharding.Mesh | None, param_bytes: int) -> "Placement":
+    def choose(cls, mesh: jax.sharding.Mesh | None) -> "Placement":
         if mesh is None or mesh.size == 1:
-            return cls(mesh, False)
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats and param_bytes > stats["bytes_limit"] / 4:
             return cls(mesh, False)
         if mesh.devices.flat[0].platform == "cpu":
             firsts = [min((d for d in mesh.devices.flat if d.process_index == p), key=lambda d: d.id)
@@ -250,7 +258,8 @@ class Placement:
 
     def place(self, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The parameters where `mesh` decodes with them."""
-        if not self.replicate:
+        copy_bytes = sum(x.nbytes for x in params.values())
+        if not self.replicate or not copy_fits(jax.local_devices()[0].memory_stats(), copy_bytes):
             return params
         copies = jax.sharding.NamedSharding(next(iter(params.values())).sharding.mesh, jax.sharding.PartitionSpec())
         gathered = jax.jit(lambda p: p, out_shardings=jax.tree.map(lambda _: copies, params))(params)

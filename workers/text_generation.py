@@ -18,7 +18,7 @@ import jax
 
 from raysft.workers.models.params import ParamLayout
 from raysft.data.locations import local_copy
-from raysft.workers.sampler import Placement, Sampler, SamplingParams
+from raysft.workers.sampler import Placement, PromptTooLong, Sampler, SamplingParams
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
 
@@ -78,7 +78,7 @@ class TextGenerator:
 
         return cls(
             model.layout, AutoTokenizer.from_pretrained(local_copy(spec.tokenizer_dir)), model.model_dir,
-            model.hf_config.get("max_position_embeddings", 1 << 20), Placement.choose(model.mesh, model.layout.nbytes),
+            model.hf_config.get("max_position_embeddings", 1 << 20), Placement.choose(model.mesh),
             spec.chat_template_kwargs, spec.add_special_tokens,
         )
 
@@ -102,18 +102,41 @@ class TextGenerator:
     def encode(self, prompt: str | dict[str, Any]) -> list[int]:
         return prompt_ids(as_prompt(prompt, self.tokenizer), self.tokenizer, self.template_kwargs, self.add_special_tokens)
 
-    def encode_all(self, prompts: Sequence[str | dict[str, Any]], truncate: bool = False) -> tuple[list[list[int]], list[str]]:
-        """Token ids of each prompt; with `truncate`, one over the model's context keeps
-        its last tokens (and a warning says so), else the sampler refuses it."""
-        limit, encoded, warnings = self.sampler.max_length, [], []
+    def encode_all(
+        self, prompts: Sequence[str | dict[str, Any]], truncate: bool = False, room: int = 0
+    ) -> tuple[list[list[int]], list[str]]:
+        """Token ids of each prompt; with `truncate`, one that leaves less than `room`
+        tokens of the model's context is cut (and a warning says so), else the sampler
+        refuses it. A conversation loses its oldest turns, never its system prompt or its
+        last message; text loses its first tokens after BOS."""
+        limit, encoded, warnings = self.sampler.max_length - room, [], []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if truncate and len(ids) > limit:
-                warnings.append(f"prompt {i} has {len(ids)} tokens, more than the model's context of {limit}: "
-                                f"its first {len(ids) - limit} tokens were cut")
-                ids = ids[-limit:]
+                cut, what = (self._oldest_turns_cut(as_prompt(prompt, self.tokenizer), limit)
+                             if "messages" in as_prompt(prompt, self.tokenizer) else self._text_cut(ids, limit))
+                warnings.append(f"prompt {i} has {len(ids)} tokens, more than the {limit} the model's context of "
+                                f"{self.sampler.max_length} leaves beside {room} new ones: {what}")
+                ids = cut
             encoded.append(ids)
         return encoded, warnings
+
+    def _oldest_turns_cut(self, prompt: dict, limit: int) -> tuple[list[int], str]:
+        """The conversation without its oldest turns (the system prompt and the last message kept)."""
+        messages = prompt["messages"]
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        for dropped in range(1, len(turns)):
+            ids = self.encode({**prompt, "messages": system + turns[dropped:]})
+            if len(ids) <= limit:
+                return ids, f"its {dropped} oldest message{'s' if dropped > 1 else ''} were left out"
+        raise PromptTooLong(f"the last message alone (with the system prompt) does not fit the {limit} tokens of "
+                            "context left for the prompt")
+
+    def _text_cut(self, ids: list[int], limit: int) -> tuple[list[int], str]:
+        bos = self.tokenizer.bos_token_id
+        keep = 1 if bos is not None and ids[:1] == [bos] else 0
+        return ids[:keep] + ids[len(ids) - (limit - keep):], f"its first {len(ids) - limit} tokens were cut"
 
     def generate(
         self,
@@ -130,7 +153,7 @@ class TextGenerator:
         """`generate`, and what a person should be told (prompts cut to the context)."""
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         stopped = (lambda row, ids: any(s in decode(ids) for s in stop_strings)) if stop_strings else None
-        encoded, warnings = self.encode_all(prompts, truncate)
+        encoded, warnings = self.encode_all(prompts, truncate, room=sampling.max_new_tokens if truncate else 0)
         answers = [decode(ids) for ids in self.sampler.generate(params, encoded, sampling, stopped)]
         return [_cut(answer, stop_strings) for answer in answers], warnings
 

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from raysft.workers.models.quantization import stored_bytes
 
 
 def _key_name(entry) -> str:
@@ -50,10 +49,6 @@ class ParamLayout:
         params, treedef = _flatten(state)
         shapes = {n: jax.ShapeDtypeStruct(p.shape, p.dtype) for n, p in params.items()}
         return cls(graphdef, treedef, shapes), params
-
-    @property
-    def nbytes(self) -> int:
-        return sum(stored_bytes(s.size, s.dtype) for s in self.shapes.values())
 
     @property
     def names(self) -> list[str]:

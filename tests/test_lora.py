@@ -107,6 +107,49 @@ def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_laye
         np.testing.assert_allclose(merged(torch.from_numpy(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_adapter_holds_base_parameters_trained_beside_it(tmp_path, tied):
+    """LoRA with `trainable_parameters: [embed_tokens, a norm]`: the adapter saves them
+    whole (PEFT's modules_to_save, tied to the head where the model ties them), and the
+    model peft loads from it has the merged export's logits."""
+    from etils import epath
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(tmp_path / "base", vocab_size=97, tie_word_embeddings=tied)
+    targets = ["q_proj", "v_proj"]
+    _peft_model(model_dir, targets).save_pretrained(tmp_path / "peft")
+    cfg = ModelConfig.from_hf_dict(read_hf_config(model_dir / "config.json"))
+    lora = LoraSettings(4, 8.0, 0.0, resolve_modules(targets, cfg))
+    _, layout, params = _ours(model_dir, lora, tmp_path / "peft")
+    rng = np.random.default_rng(1)
+    trained = [n for n in layout.shapes if "embed" in n or ("layers.1" in n and "post_attention_layernorm" in n)]
+    assert len(trained) == 2, list(layout.shapes)
+    for name in trained:  # as training would have changed them
+        params[name] = params[name] + jnp.asarray(rng.normal(0, 0.5, params[name].shape), params[name].dtype)
+
+    save_adapter({n: p for n, p in params.items() if is_adapter(n)}, lora, epath.Path(tmp_path / "ours"),
+                 str(model_dir), {n: params[n] for n in trained}, tied_embeddings=tied)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.embed_tokens", "model.layers.1.post_attention_layernorm"]
+    save_pretrained(params, read_hf_config(model_dir / "config.json"), epath.Path(tmp_path / "merged"),
+                    lora_scale=lora.scale)
+    ids = torch.from_numpy(rng.integers(0, 97, size=(2, 24)))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, tmp_path / "ours").eval()(ids).logits.numpy()
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(ids).logits.numpy()
+        untrained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(ids).logits.numpy()
+    np.testing.assert_allclose(adapted, merged, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(layout.bind(params)(jnp.asarray(ids.numpy()))), merged, atol=1e-4, rtol=0)
+    assert np.abs(merged - untrained).max() > 0.1  # the trained embedding and norm changed the model
+
+    # A kernel that also has an adapter cannot be saved whole next to it: one line, no adapter.
+    kernel = next(n for n in layout.shapes if "q_proj" in n and not is_adapter(n))
+    with pytest.raises(ValueError, match=r"cannot hold model\.layers\.0\.self_attn\.q_proj\.weight: .* merged model"):
+        save_adapter({}, lora, epath.Path(tmp_path / "refused"), str(model_dir), {kernel: params[kernel]})
+
+
 def test_target_modules_as_peft_reads_them(tmp_path):
     model_dir = save_tiny_model(tmp_path, vocab_size=97)
     cfg = ModelConfig.from_hf_dict(read_hf_config(model_dir / "config.json"))

@@ -16,6 +16,7 @@ def export_loop_per_worker(config: dict) -> None:
     from raysft.workers.checkpoint import Checkpoints
     from raysft.workers.models.source import ModelSource
     from raysft.workers.sharded_model import ShardedModel
+    from raysft.workers.trainable import for_run
 
     watchdog.progress("fetching the model to this host")
     model = ShardedModel.build(spec)
@@ -25,7 +26,9 @@ def export_loop_per_worker(config: dict) -> None:
     checkpoints.close()
     watchdog.progress("exporting")
     if config.get("adapter_only"):
-        model.export_adapter(params, spec.export_dir, ModelSource.parse(spec.model).name)
+        trainable = for_run(spec, model.layout.shapes, model.config.num_hidden_layers, steps_per_epoch=1)
+        trained = [name for _, names in trainable.stages for name in names]  # a LoRA run has one stage
+        model.export_adapter(params, spec.export_dir, ModelSource.parse(spec.model).name, trained)
     else:
         model.export(params, spec.export_dir, spec.export_dtype, spec.tokenizer_dir)
     watchdog.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -104,9 +104,15 @@ class ShardedModel:
         if jax.process_index() == 0:
             write_assets(out, self.hf_config, self.model_dir, tokenizer_dir=local_copy(tokenizer_dir))
 
-    def export_adapter(self, params: dict[str, jax.Array], out_dir: str, base_model: str) -> None:
-        """LoRA's adapters as a PEFT adapter directory (`PeftModel.from_pretrained`)."""
-        save_adapter({n: p for n, p in params.items() if is_adapter(n)}, self.lora, location(out_dir), base_model)
+    def export_adapter(self, params: dict[str, jax.Array], out_dir: str, base_model: str, trained: Iterable[str]) -> None:
+        """LoRA's adapters as a PEFT adapter directory (`PeftModel.from_pretrained`), with
+        the base parameters among `trained` (the names the run trained) saved whole."""
+        trained = set(trained)
+        save_adapter(
+            {n: p for n, p in params.items() if is_adapter(n)}, self.lora, location(out_dir), base_model,
+            {n: p for n, p in params.items() if n in trained and not is_adapter(n)},
+            self.config.tie_word_embeddings,
+        )
 
 
 def lora_settings(spec: TrainSpec, config: ModelConfig) -> LoraSettings | None:

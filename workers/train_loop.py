@@ -231,7 +231,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     watchdog.progress("exporting", spec.startup_timeout_s)
     model.export(params, spec.export_dir, spec.export_dtype, spec.tokenizer_dir)
     if spec.adapter_dir:
-        model.export_adapter(params, spec.adapter_dir, ModelSource.parse(spec.model).name)
+        model.export_adapter(params, spec.adapter_dir, ModelSource.parse(spec.model).name, trainable.names_at(step))
     summary = {
         "start_step": start_step,
         "final_step": step,

@@ -1,6 +1,8 @@
 """LoRA adapters as PEFT directories: `adapter_config.json` and `adapter_model.safetensors`
 with PEFT's tensor names, which `peft.PeftModel.from_pretrained(base, dir)` loads, and
-read back so a run can continue an adapter trained elsewhere (`lora_init_from`)."""
+read back so a run can continue an adapter trained elsewhere (`lora_init_from`). Base
+parameters a LoRA run also trained (`trainable_parameters`: an embedding, norms) go in
+whole, as PEFT's `modules_to_save`: peft then loads the model that was trained."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from safetensors.numpy import load as load_safetensors
 from raysft.data.locations import location
 from raysft.workers.models.config import ModelConfig, ModelLoadError
 from raysft.workers.models.export import write_tensors
-from raysft.workers.models.lora import LoraSettings, adapted_kernel, resolve_modules
+from raysft.workers.models.lora import LoraSettings, adapted_kernel, is_adapter, resolve_modules
 from raysft.workers.models.params import hf_tensors, is_stacked
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,9 +35,48 @@ def peft_tensors(name: str, shape: tuple[int, ...]) -> list[tuple[str, bool]]:
     ]
 
 
-def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: epath.Path, base_model: str) -> None:
-    """Call on every process (the adapters are gathered); process 0 writes."""
-    write_tensors(adapters, out_dir, "float32", sorted(adapters), peft_tensors, WEIGHTS_FILE)
+_EMBEDDING = "model.embed_tokens.weight"
+_TIED_HEAD = "tied output head"  # the embedding again, as the head PEFT ties to it
+
+
+def _saved_tensors(name: str, shape: tuple[int, ...]) -> list[tuple[str, bool]]:
+    """PEFT's names of an adapter's tensors, or of a base parameter saved whole."""
+    if name == _TIED_HEAD:
+        return [(PREFIX + "lm_head.weight", False)]
+    if is_adapter(name):
+        return peft_tensors(name, shape)
+    return [(PREFIX + key, transposed) for key, transposed in hf_tensors(name, shape)]
+
+
+def modules_to_save(base: dict[str, jax.Array], lora: LoraSettings) -> list[str]:
+    """The Hugging Face modules holding trained base parameters `base`, as PEFT names
+    them; ValueError where PEFT cannot hold one (a module that is also a LoRA target)."""
+    modules = set()
+    for name, value in base.items():
+        for key, _ in hf_tensors(name, value.shape):
+            module = key.rsplit(".", 1)[0]
+            if module.rsplit(".", 1)[-1] in lora.modules:
+                raise ValueError(
+                    f"a PEFT adapter cannot hold {key}: it was trained whole and {module} also has a LoRA adapter "
+                    "(PEFT saves a module either way, not both); export the merged model instead"
+                )
+            modules.add(module)
+    return sorted(modules)
+
+
+def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: epath.Path, base_model: str,
+                 trained_base: dict[str, jax.Array] | None = None, tied_embeddings: bool = False) -> None:
+    """Call on every process (the tensors are gathered); process 0 writes. `trained_base`:
+    base parameters trained beside the adapters, saved whole (`modules_to_save`); with
+    `tied_embeddings`, PEFT ties the output head to a saved embedding, as training did."""
+    trained_base = trained_base or {}
+    saved = modules_to_save(trained_base, lora)
+    tied = tied_embeddings and "model.embed_tokens" in saved
+    tensors = {**adapters, **trained_base}
+    if tied:  # PEFT ties its copy of the head to the embedding's, and loads both from the file
+        embedding = next(n for n in trained_base if hf_tensors(n, trained_base[n].shape)[0][0] == _EMBEDDING)
+        tensors[_TIED_HEAD] = trained_base[embedding]
+    write_tensors(tensors, out_dir, "float32", sorted(tensors), _saved_tensors, WEIGHTS_FILE)
     if jax.process_index() == 0:
         config = {
             "peft_type": "LORA",
@@ -50,7 +91,8 @@ def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: ep
             "use_rslora": False,
             "use_dora": False,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": saved or None,
+            "ensure_weight_tying": tied,
             "inference_mode": True,
         }
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -123,7 +123,7 @@ class Plan:
         refused = [name for name, p in zip(("train", "eval", "export"), programs) if p and p.out_of_memory]
         if run.train.bound_only:
             lines.append("  (train: not compiled; parameters, optimizer state, batch and gradients alone are over "
-                         "the chip's memory)")
+                         f"the {self.unit}'s memory)")
         elif refused:
             lines.append(f"  ({', '.join(refused)}: refused by the compiler for memory; total as it reported it)")
         lines.append(f"  {'compile seconds':<26}" + "".join(f"{'' if p is None else f'{p.compile_s:.1f}':>9}" for p in programs))

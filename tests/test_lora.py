@@ -148,6 +148,13 @@ def test_adapter_holds_base_parameters_trained_beside_it(tmp_path, tied):
     kernel = next(n for n in layout.shapes if "q_proj" in n and not is_adapter(n))
     with pytest.raises(ValueError, match=r"cannot hold model\.layers\.0\.self_attn\.q_proj\.weight: .* merged model"):
         save_adapter({}, lora, epath.Path(tmp_path / "refused"), str(model_dir), {kernel: params[kernel]})
+    # ... and a run that would train it so stops before training.
+    from raysft.orchestrator.plan import plan_spec
+    from raysft.workers.trainable import FreezingError, check_run
+
+    config = rs.SFTConfig(use_lora=True, lora_target_modules=targets, trainable_parameters=["q_proj"])
+    with pytest.raises(FreezingError, match=r"cannot hold .*q_proj.*: train it whole .* or adapt it"):
+        check_run(plan_spec(config, model_dir), model_dir)
 
 
 def test_target_modules_as_peft_reads_them(tmp_path):

@@ -165,7 +165,7 @@ def check_run(spec, model_dir) -> None:
 
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig, read_hf_config
-    from raysft.workers.models.peft import check_adapter
+    from raysft.workers.models.peft import check_adapter, modules_to_save
     from raysft.workers.models.runtime import ModelRuntime
     from raysft.workers.sharded_model import lora_settings
 
@@ -175,4 +175,11 @@ def check_run(spec, model_dir) -> None:
     if lora and spec.lora_init_from:
         check_adapter(spec.lora_init_from, lora, cfg)
     layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime(scan_layers=spec.scan_layers), lora)
-    for_run(spec, layout.shapes, cfg.num_hidden_layers, steps_per_epoch=1)
+    trainable = for_run(spec, layout.shapes, cfg.num_hidden_layers, steps_per_epoch=1)
+    if lora:  # the run ends with a PEFT adapter, which must hold whatever trains
+        base = {n: layout.shapes[n] for _, names in trainable.stages for n in names if not is_adapter(n)}
+        try:
+            modules_to_save(base, lora)
+        except ValueError as err:
+            raise FreezingError(f"{err}: train it whole (trainable_parameters) or adapt it (lora_target_modules), "
+                                "not both") from None

@@ -57,8 +57,8 @@ def modules_to_save(base: dict[str, jax.Array], lora: LoraSettings) -> list[str]
             module = key.rsplit(".", 1)[0]
             if module.rsplit(".", 1)[-1] in lora.modules:
                 raise ValueError(
-                    f"a PEFT adapter cannot hold {key}: it was trained whole and {module} also has a LoRA adapter "
-                    "(PEFT saves a module either way, not both); export the merged model instead"
+                    f"a PEFT adapter cannot hold {key}: it is trained whole and {module} also has a LoRA adapter "
+                    "(PEFT saves a module one way, not both)"
                 )
             modules.add(module)
     return sorted(modules)
@@ -70,7 +70,10 @@ def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: ep
     base parameters trained beside the adapters, saved whole (`modules_to_save`); with
     `tied_embeddings`, PEFT ties the output head to a saved embedding, as training did."""
     trained_base = trained_base or {}
-    saved = modules_to_save(trained_base, lora)
+    try:
+        saved = modules_to_save(trained_base, lora)
+    except ValueError as err:  # a run from before check_run refused it
+        raise ValueError(f"{err}; export the merged model instead") from None
     tied = tied_embeddings and "model.embed_tokens" in saved
     tensors = {**adapters, **trained_base}
     if tied:  # PEFT ties its copy of the head to the embedding's, and loads both from the file

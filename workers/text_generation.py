@@ -113,8 +113,8 @@ class TextGenerator:
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if truncate and len(ids) > limit:
-                cut, what = (self._oldest_turns_cut(as_prompt(prompt, self.tokenizer), limit)
-                             if "messages" in as_prompt(prompt, self.tokenizer) else self._text_cut(ids, limit))
+                prompt = as_prompt(prompt, self.tokenizer)
+                cut, what = self._oldest_turns_cut(prompt, limit) if "messages" in prompt else self._text_cut(ids, limit)
                 warnings.append(f"prompt {i} has {len(ids)} tokens, more than the {limit} the model's context of "
                                 f"{self.sampler.max_length} leaves beside {room} new ones: {what}")
                 ids = cut

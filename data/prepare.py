@@ -182,7 +182,8 @@ def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func
 
 
 def _encode(src: sources.Source, fmt: str, docs_dir: epath.Path, tokenizer_dir, tokenizer_key: str,
-            settings: DataSettings, formatting_func, batch_size: int, num_proc: int | None, credentials: Credentials, timeout_s: float,
+            settings: DataSettings, formatting_func, batch_size: int, num_proc: int | None, credentials: Credentials,
+            timeout_s: float,
             report) -> tuple[Documents, dict]:
     """One source's documents, encoded by Ray Data tasks into `docs_dir`, and its stats."""
     # Same documents in the same order on every run (the packing plan depends on it):

@@ -59,13 +59,15 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Pa
     the cluster's nodes; returns the row count of each shard."""
     bounds = list(range(0, placements.num_rows, shard_rows)) + [placements.num_rows]
     selector = ray.data.DataContext.get_current().execution_options.label_selector
+    # One remote function per call: the credentials go with it as with every reading task.
+    write = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(credentials.around(_write_shard)).options(
+        **task_options(selector), runtime_env=credentials.runtime_env())
     pending = {}
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = placements.rows(start, stop)
         needed = np.unique(part.doc).tolist()
         places = {d: (docs.shard_names[docs.shard[d]], int(docs.offset[d]), int(docs.length[d])) for d in needed}
-        write = _write_shard.options(**task_options(selector), runtime_env=credentials.runtime_env())
-        pending[write.remote(credentials, str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
+        pending[write.remote(str(store_dir), index, part, places, str(docs_dir), seq_len)] = stop - start
     remaining = list(pending)
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1, timeout=timeout_s)
@@ -77,11 +79,9 @@ def write_row_shards(placements: Placements, docs: Documents, docs_dir: epath.Pa
     return list(pending.values())
 
 
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def _write_shard(credentials: Credentials, store_dir: str, index: int, part: Placements, places: dict[int, tuple[str, int, int]],
+def _write_shard(store_dir: str, index: int, part: Placements, places: dict[int, tuple[str, int, int]],
                  docs_dir: str, seq_len: int) -> None:
     """`places`: each document's encoded shard, offset and length."""
-    credentials.apply()
     opened: dict[str, tuple[np.ndarray, ...]] = {}
 
     def document(d: int):

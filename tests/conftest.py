@@ -21,6 +21,21 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
+
+# `make test` runs two test processes at once (pytest-xdist). Each gets a Ray temp dir of
+# its own, inherited by every process it starts: `ray.cluster_utils.Cluster` and `ray
+# start` write their address where a plain `ray.init()` looks for one, and the other
+# process's runs would join that cluster instead of starting their own Ray.
+_TEST_PROCESS = os.environ.get("PYTEST_XDIST_WORKER", "main")
+if os.environ.get("RAYSFT_TEST_RAY_TMPDIR_OF") != _TEST_PROCESS:  # else a script this test process started
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths sit under it
+    os.environ["RAYSFT_TEST_RAY_TMPDIR_OF"] = _TEST_PROCESS
+    atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
+
 from ray._private import ray_constants  # noqa: E402
 
 # The session's embedded Ray would forward its processes' lines (a raylet's warning that

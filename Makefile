@@ -31,7 +31,7 @@ demo: $(VENV)/.demo-installed
 
 # Two processes, each running whole files (a file's fixtures are made once); see tests/conftest.py.
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py

@@ -285,26 +285,3 @@ def smollm2_cache(tmp_path_factory) -> Path:
     """A RAYSFT_CACHE the tests share, so SmolLM2's GGUF is converted once per session."""
     return tmp_path_factory.mktemp("raysft_cache")
 
-
-# The files that take longest on 2 cores, longest first (seconds alone, measured). `make
-# test`'s two processes take whole files in collection order: started first, these never
-# leave one process running alone at the end while the other is idle.
-LONGEST_FILES = (
-    "test_fault_tolerance.py",  # 420
-    "test_autoscaling.py",  # 230
-    "test_end_to_end.py",  # 170
-    "test_cli.py",  # 170
-    "test_plan.py",  # 170
-    "test_model_sources.py",  # 170
-    "test_freezing.py",  # 165
-    "test_tpu_compile.py",  # 150
-    "test_console.py",  # 115
-    "test_mesh_layouts.py",  # 100
-    "test_generation.py",  # 80
-    "test_job_submit.py",  # 70
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -126,6 +126,22 @@ class SFTTrainer:
             upload(local, target)
         return target
 
+    def refuse_other_data(self, fingerprint: str) -> None:
+        """A run directory whose latest checkpoint was trained on other data stops here,
+        before any worker starts (each worker checks again as it restores)."""
+        directory = self.args.run_dir / "checkpoints"
+        if self.args.allow_data_change or not directory.is_dir():
+            return
+        from raysft.workers.checkpoint import Checkpoints  # orbax, for runs that resume
+
+        checkpoints = Checkpoints(str(directory), keep=None)
+        try:
+            step = checkpoints.latest_step()
+            if step is not None:
+                checkpoints.refuse_other_data(step, fingerprint, allow_data_change=False)
+        finally:
+            checkpoints.close()
+
     def prepare_data(self):
         """Tokenize and pack the datasets on Ray Data (or reuse the prepared stores):
         (tokenizer_dir, train store, eval stores by name: "" for one unnamed eval_dataset).
@@ -245,6 +261,7 @@ class SFTTrainer:
         connect(args.hosts)
         check_every_node(marker, str(self.model))
         tokenizer_dir, train_store, eval_stores = self.prepare_data()
+        self.refuse_other_data(train_store.fingerprint)
         prompts = self.eval_prompts()
         RunRecord(self.model, args).write(run_dir)
 

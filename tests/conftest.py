@@ -22,19 +22,22 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)
 
 
-# `make test` runs two test processes at once (pytest-xdist). Each gets a Ray temp dir of
-# its own, inherited by every process it starts: `ray.cluster_utils.Cluster` and `ray
-# start` write their address where a plain `ray.init()` looks for one, and the other
-# process's runs would join that cluster instead of starting their own Ray.
-_TEST_PROCESS = os.environ.get("PYTEST_XDIST_WORKER", "main")
-if os.environ.get("RAYSFT_TEST_RAY_TMPDIR_OF") != _TEST_PROCESS:  # else a script this test process started
+# The tests get a Ray temp dir of their own, inherited by every process they start: a
+# cluster started on this machine with `ray start` (or by another test run) writes its
+# address where a plain `ray.init()` looks for one, and the tests would join it instead
+# of starting their own Ray.
+if "RAYSFT_TEST_RAY_TMPDIR" not in os.environ:  # else a script a test started
     import atexit
     import shutil
     import tempfile
 
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths sit under it
-    os.environ["RAYSFT_TEST_RAY_TMPDIR_OF"] = _TEST_PROCESS
+    # Short: Ray's socket paths sit under it.
+    os.environ["RAY_TMPDIR"] = os.environ["RAYSFT_TEST_RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
+
+# Ray Train's controller looks at its workers every 2 s, so each run's start and end wait
+# up to that long; the tests start some fifty runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from ray._private import ray_constants  # noqa: E402
 

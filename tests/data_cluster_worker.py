@@ -34,7 +34,7 @@ def _finished_tasks(writes: int, timeout_s: float = 60):
     machine: wait until it knows of every row write."""
     deadline = time.monotonic() + timeout_s
     while True:
-        # This cluster's own address: other clusters may run on the machine (`make test`'s two processes).
+        # This cluster's own address: the test session's embedded Ray may run beside it.
         tasks = list_tasks(address=ray.get_runtime_context().gcs_address, limit=10000, filters=[("state", "=", "FINISHED")])
         if sum(t.name == "_write_shard" for t in tasks) >= writes or time.monotonic() > deadline:
             return tasks

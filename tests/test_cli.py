@@ -180,18 +180,13 @@ def test_seed_command_line_trains_then_raysft_export(local_ray, tmp_path, capsys
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[0] == 2 and saved[-1] == final
 
-    # The last checkpoint exports to exactly the weights training exported.
-    assert main(["export", "--run_dir", str(run_dir)]) == 0
-    assert capsys.readouterr().out.strip().endswith(f"exported: {run_dir / f'export-step-{final}'}")
-    trained = load_file(run_dir / "export" / "model.safetensors")
-    exported = load_file(run_dir / f"export-step-{final}" / "model.safetensors")
-    assert trained.keys() == exported.keys()
-    for name in trained:
-        np.testing.assert_array_equal(exported[name], trained[name], err_msg=name)
-
     # An earlier step, in bf16, elsewhere: transformers loads it and computes what ours does.
+    # (That the latest checkpoint exports to the weights training exported, bit for bit, is
+    # shown on object storage in test_fault_tolerance.)
     early = tmp_path / "early"
+    capsys.readouterr()
     assert main(["export", "--run_dir", str(run_dir), "--step", "2", "--export_dtype", "bfloat16", "--output_dir", str(early)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"exported: {early}")
     assert load_file(early / "model.safetensors")["model.norm.weight"].dtype.name == "bfloat16"
     ids = np.array([list(range(3, 40))])
     reference = TorchAutoModel.from_pretrained(early, dtype=torch.float32).eval()

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM as TorchAutoModel
 from transformers import AutoTokenizer
 
 import raysft as rs
+from raysft.workers.checkpoint import ResumeMismatch
 from conftest import CORPUS, write_jsonl
 
 
@@ -107,13 +108,15 @@ def test_train_resume_and_export(local_ray, tmp_path, tiny_model_dir, datasets_d
     assert AutoTokenizer.from_pretrained(second.export_dir)(CORPUS[0])["input_ids"] == tokenizer(CORPUS[0])["input_ids"]
     assert (second.export_dir / "generation_config.json").is_file()
 
-    # The same run directory with other training data: refused, not silently mixed.
+    # The same run directory with other training data: refused before any worker starts,
+    # not silently mixed.
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": CORPUS[0]}] * 16)
     changed = rs.SFTTrainer(
         arguments=_config(tmp_path, max_training_steps=8), model=tiny_model_dir, processing_class=tokenizer,
         train_dataset=other,
     )
-    with pytest.raises(rs.TrainingFailed, match=r"ResumeMismatch: checkpoint step 6 in .*checkpoints was trained on data"):
+    # ResumeMismatch itself: a worker's would reach the driver as TrainingFailed.
+    with pytest.raises(ResumeMismatch, match=r"^checkpoint step 6 in .*checkpoints was trained on data \w+, this run"):
         changed.train()
 
 

@@ -94,10 +94,8 @@ class Checkpoints:
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(
-        self, step: int, abstract_params, abstract_opt_state, data_fingerprint: str, allow_data_change: bool = False
-    ) -> tuple[Any, Any, dict[str, Any]]:
-        """(params, opt_state, meta) of `step`; refused if it was trained on other data."""
+    def refuse_other_data(self, step: int, data_fingerprint: str, allow_data_change: bool) -> dict[str, Any]:
+        """The meta of `step`, unless that step was trained on other data than `data_fingerprint`."""
         meta = self.meta(step)
         if meta["data_fingerprint"] != data_fingerprint and not allow_data_change:
             raise ResumeMismatch(
@@ -105,6 +103,13 @@ class Checkpoints:
                 f"{meta['data_fingerprint']}, this run prepared {data_fingerprint}; set allow_data_change=True "
                 "to continue on the new data, or use a new model_name or save_directory to start over"
             )
+        return meta
+
+    def restore(
+        self, step: int, abstract_params, abstract_opt_state, data_fingerprint: str, allow_data_change: bool = False
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """(params, opt_state, meta) of `step`; refused if it was trained on other data."""
+        meta = self.refuse_other_data(step, data_fingerprint, allow_data_change)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -35,10 +35,6 @@ if "RAYSFT_TEST_RAY_TMPDIR" not in os.environ:  # else a script a test started
     os.environ["RAY_TMPDIR"] = os.environ["RAYSFT_TEST_RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
-# Ray Train's controller looks at its workers every 2 s, so each run's start and end wait
-# up to that long; the tests start some fifty runs.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
 from ray._private import ray_constants  # noqa: E402
 
 # The session's embedded Ray would forward its processes' lines (a raylet's warning that

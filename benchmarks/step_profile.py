@@ -36,8 +36,8 @@ PARTS = {
     "attention projections (q, k, v, o)": ("Attention.qkv", "Attention.out"),
     "MLP (gate, up, down)": ("MLP.__call__",),
     "RMS norms": ("RMSNorm.__call__",),
-    "LM head and cross-entropy": ("LlamaForCausalLM.logits", "Embed.attend", "token_loss_sums"),
-    "embedding lookup": ("ModelRuntime.embed", "Embed.__call__"),
+    "LM head and cross-entropy": ("DecoderForCausalLM.logits", "Embed.attend", "token_loss_sums"),
+    "embedding lookup": ("DecoderForCausalLM.embed", "ModelRuntime.embed", "Embed.__call__"),
     "FLOPs count (segment pairs)": ("attention_pairs",),
     "optimizer (AdamW, grad norm, update)": ("apply_updates", "global_norm", "scale_by_adam.<locals>.update_fn"),
 }

@@ -26,7 +26,7 @@ from raysft.workers.chips import GiB
 from raysft.workers.compiled_run import CompiledRun
 
 CONFIGS = Path(__file__).parent / "model_configs"
-MODELS = ["Llama-3.2-1B", "Llama-3.1-8B", "Qwen2.5-7B", "Llama-3.1-70B"]
+MODELS = ["Llama-3.2-1B", "Llama-3.1-8B", "Qwen2.5-7B", "Gemma-2-9B", "Gemma-3-27B", "Llama-3.1-70B"]
 SLICES = ["v4-16", "v5litepod-16", "v5p-16", "v5p-64", "v6e-16"]
 RUN = dict(
     max_sequence_length=4096, total_batch_size=32, dtype="bfloat16", param_dtype="float32", scan_layers=True,

@@ -20,7 +20,7 @@ from raysft.orchestrator.plan_search import Change, candidate_changes, strongest
 from raysft.orchestrator.tpu import TpuSlice
 from raysft.workers.chips import GiB
 from raysft.workers.compiled_run import CompiledRun, StepEstimate, estimate_step
-from raysft.workers.models.config import ModelConfig, read_hf_config
+from raysft.workers.models.config import ModelConfig, read_hf_config, text_model_config
 from raysft.workers.spec import TrainSpec
 
 # Deeper unscanned models take the TPU compiler minutes on a small head.
@@ -195,7 +195,7 @@ def plan(
     ModelConfig.from_hf_dict(hf, source=str(model_dir / "config.json"))  # an unsupported model: one line, early
     devices = tpu.compile_devices()
     say(f"compiling for {tpu.tpu_type} ({len(devices)} devices) ...")
-    layers = hf.get("num_hidden_layers", 0)
+    layers = text_model_config(hf).get("num_hidden_layers", 0)
     if not config.scan_layers and layers > UNSCANNED_WARNING_LAYERS:
         say(f"scan_layers is false: the compiler sees all {layers} layers, which takes minutes for a deep model "
             "(scan_layers true compiles one)")
@@ -207,7 +207,7 @@ def plan(
         say("estimating the step time (2 more compiles) ...")
         result.add_estimate()
     if search and not result.fits:
-        _search(result, devices, hf, say)
+        _search(result, devices, text_model_config(hf), say)
     return result
 
 

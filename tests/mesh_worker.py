@@ -40,7 +40,8 @@ def run(model_dir: Path, dims, accumulation: int = 1, devices=None, num_slices: 
     import optax
     from jax.experimental import multihost_utils
 
-    from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings, param_sharding
+    from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings
+    from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.loading import load_params

@@ -28,7 +28,8 @@ def _reference_greedy(model_dir, prompts, new_tokens, **kwargs) -> list[list[int
 @pytest.mark.parametrize(
     "variant, scan_layers",
     [("llama-untied-gqa2", False), ("mistral-window", True), ("qwen2-window-from-layer-1", True),
-     ("qwen3-bias-window", False)],
+     ("qwen3-bias-window", False), ("gemma2-capped-tied", True), ("gemma3-5to1-local-rope", False),
+     ("phi3-longrope-partial-tied", True)],
 )
 def test_greedy_tokens_match_transformers_generate(tmp_path, variant, scan_layers):
     """Batched prompts of different lengths (left-padded in one batch here, one by one
@@ -218,7 +219,8 @@ def test_eval_rows_become_prompts_and_references():
 def test_sharded_parameters_generate_what_one_device_does(tmp_path):
     """On a 4-device mesh with the training shardings (as on a TPU host when a copy per
     chip does not fit), rows split over the mesh (4 prompts) or replicated (2)."""
-    from raysft.workers.mesh import global_mesh, param_sharding
+    from raysft.workers.mesh import global_mesh
+    from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.loading import load_params
@@ -271,3 +273,23 @@ def test_a_copy_for_decoding_must_fit_beside_what_training_holds():
     assert not copy_fits({"bytes_limit": limit, "bytes_in_use": int(0.6 * limit)}, limit // 4)
     assert copy_fits({"bytes_limit": limit, "bytes_in_use": int(0.1 * limit)}, limit // 4)
     assert copy_fits(None, limit)  # CPU devices report nothing: one host's copy is its own memory
+
+
+def test_sliding_layers_cache_only_their_window():
+    """Gemma 3 27B at 8,192 slots: its 52 sliding layers keep rings of 1,024 and its 10
+    global layers every slot, about a quarter of full-length caches; a window as long as
+    the cache is no window."""
+    from pathlib import Path
+
+    from raysft.workers.models.config import ModelConfig
+    from raysft.workers.models.kv_cache import empty_cache
+
+    configs = Path(__file__).parents[1] / "benchmarks" / "model_configs"
+    cfg = ModelConfig.from_file(configs / "Gemma-3-27B" / "config.json")
+    cache = jax.eval_shape(lambda: empty_cache(cfg, jnp.zeros(2, jnp.int32), 8192, jnp.bfloat16))
+    assert cache.k_LxBxGxSxK.shape == (10, 2, 16, 8192, 128)
+    assert cache.k_RxBxGxWxK.shape == (52, 2, 16, 1024, 128)
+    held = sum(x.size for x in (cache.k_LxBxGxSxK, cache.k_RxBxGxWxK))
+    assert held / (62 * 2 * 16 * 8192 * 128) == (10 * 8192 + 52 * 1024) / (62 * 8192)  # 0.266
+    short = jax.eval_shape(lambda: empty_cache(cfg, jnp.zeros(2, jnp.int32), 1024, jnp.bfloat16))
+    assert short.k_LxBxGxSxK.shape[0] == 62 and short.k_RxBxGxWxK.shape[0] == 0

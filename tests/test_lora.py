@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import raysft as rs
-from conftest import save_tiny_model, write_jsonl
+from conftest import save_tiny_gemma3_multimodal, save_tiny_model, write_jsonl
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig, ModelLoadError, read_hf_config
 from raysft.workers.models.export import save_pretrained
@@ -55,17 +55,22 @@ VARIANTS = {
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3-bias-window": ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 5,
                                     "max_window_layers": 0}),
+    "gemma2-capped": ("gemma2", {"sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    "phi3-fused": ("phi3", {}),
 }
 
 
 @pytest.mark.parametrize(
     "variant, scan_layers",
-    [("llama", False), ("llama", True), ("mistral-window", True), ("qwen2-bias-tied", False), ("qwen3-bias-window", True)],
+    [("llama", False), ("llama", True), ("mistral-window", True), ("qwen2-bias-tied", False), ("qwen3-bias-window", True),
+     ("gemma2-capped", True), ("phi3-fused", True)],  # Gemma 3: the multimodal test below
 )
 def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_layers):
     """Logits of our adapted model equal PEFT's, and its greedy answers PEFT's `generate`;
     the adapter we write loads in PEFT with the same logits; the merged export loads in
-    transformers with the same logits."""
+    transformers with the same logits. Phi-3's PEFT adapters are on its fused modules
+    (`qkv_proj`, `gate_up_proj`): read into raysft's split projections and written back
+    fused."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +99,7 @@ def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_laye
 
     from etils import epath
 
-    save_adapter({n: p for n, p in params.items() if is_adapter(n)}, lora, epath.Path(tmp_path / "ours"), str(model_dir))
+    save_adapter({n: p for n, p in params.items() if is_adapter(n)}, lora, epath.Path(tmp_path / "ours"), str(model_dir), cfg)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
     with torch.no_grad():
@@ -103,6 +108,48 @@ def test_adapted_model_matches_peft_and_round_trips(tmp_path, variant, scan_laye
     save_pretrained(params, read_hf_config(model_dir / "config.json"), epath.Path(tmp_path / "merged"),
                     lora_scale=lora.scale)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.from_numpy(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
+
+
+def test_multimodal_gemma3_adapts_and_exports_its_language_model(tmp_path):
+    """A Gemma 3 4B-style checkpoint (vision tower beside the language model): raysft
+    reads the language model with the multimodal model's text logits, takes a PEFT
+    adapter made on the multimodal model and writes one PEFT loads back onto it (its
+    pattern leaves the vision tower's projections alone), and exports the text-only
+    Gemma3ForCausalLM."""
+    from etils import epath
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    model_dir = save_tiny_gemma3_multimodal(tmp_path / "base")
+    load = lambda: Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)  # noqa: E731
+    torch.manual_seed(0)
+    targets = r".*language_model.*\.(q_proj|v_proj|down_proj)"
+    reference = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, init_lora_weights=False))
+    reference.eval().save_pretrained(tmp_path / "peft")
+    ids = np.random.default_rng(0).integers(0, 90, size=(2, 24))
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+    cfg = ModelConfig.from_hf_dict(read_hf_config(model_dir / "config.json"))
+    lora = LoraSettings(4, 8.0, 0.0, resolve_modules(targets, cfg))
+    assert lora.modules == ("q_proj", "v_proj", "down_proj")
+    _, layout, params = _ours(model_dir, lora, tmp_path / "peft", scan_layers=True)
+    ours = np.asarray(layout.bind(params)(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+    save_adapter({n: p for n, p in params.items() if is_adapter(n)}, lora, epath.Path(tmp_path / "ours"), str(model_dir), cfg)
+    reloaded = PeftModel.from_pretrained(load(), tmp_path / "ours").eval()
+    adapted = [n for n, _ in reloaded.named_modules() if n.endswith("lora_A")]
+    assert adapted and all("language_model" in n for n in adapted)
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(input_ids=torch.from_numpy(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
+
+    save_pretrained(params, read_hf_config(model_dir / "config.json"), epath.Path(tmp_path / "merged"),
+                    lora_scale=lora.scale)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(merged).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.from_numpy(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
 
@@ -129,7 +176,7 @@ def test_adapter_holds_base_parameters_trained_beside_it(tmp_path, tied):
         params[name] = params[name] + jnp.asarray(rng.normal(0, 0.5, params[name].shape), params[name].dtype)
 
     save_adapter({n: p for n, p in params.items() if is_adapter(n)}, lora, epath.Path(tmp_path / "ours"),
-                 str(model_dir), {n: params[n] for n in trained}, tied_embeddings=tied)
+                 str(model_dir), cfg, {n: params[n] for n in trained})
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.embed_tokens", "model.layers.1.post_attention_layernorm"]
     save_pretrained(params, read_hf_config(model_dir / "config.json"), epath.Path(tmp_path / "merged"),
@@ -147,7 +194,7 @@ def test_adapter_holds_base_parameters_trained_beside_it(tmp_path, tied):
     # A kernel that also has an adapter cannot be saved whole next to it: one line, no adapter.
     kernel = next(n for n in layout.shapes if "q_proj" in n and not is_adapter(n))
     with pytest.raises(ValueError, match=r"cannot hold model\.layers\.0\.self_attn\.q_proj\.weight: .* merged model"):
-        save_adapter({}, lora, epath.Path(tmp_path / "refused"), str(model_dir), {kernel: params[kernel]})
+        save_adapter({}, lora, epath.Path(tmp_path / "refused"), str(model_dir), cfg, {kernel: params[kernel]})
     # ... and a run that would train it so stops before training.
     from raysft.orchestrator.plan import plan_spec
     from raysft.workers.trainable import FreezingError, check_run

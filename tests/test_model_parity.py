@@ -26,7 +26,24 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
-# (architecture, config overrides): every switch the supported architectures have.
+GEMMA3_ROPE = {  # transformers 5's per-layer-type form; the global layers scaled as Gemma 3 4B+
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 2_000.0},  # not the default 10,000
+}
+
+
+def _longrope(rotary_dim: int, head_dim: int = 8) -> dict:
+    """Phi-3.5's LongRoPE on a model pre-trained on 32 positions, extended to 256."""
+    rng = np.random.default_rng(rotary_dim)
+    return {
+        "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": rotary_dim / head_dim,
+        "short_factor": list(1 + rng.random(rotary_dim // 2)), "long_factor": list(2 + 3 * rng.random(rotary_dim // 2)),
+    }
+
+
+LONGROPE_LENGTHS = {"max_position_embeddings": 256, "original_max_position_embeddings": 32}
+# (architecture, config overrides): every switch the supported architectures have. The
+# inputs are 48 long: longer than every window, and than LongRoPE's pre-training length.
 VARIANTS = {
     "llama-untied-gqa2": ("llama", {}),
     "llama-tied-mqa": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
@@ -39,6 +56,26 @@ VARIANTS = {
     "qwen2-window-from-layer-1": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
     "qwen3-headdim16": ("qwen3", {"head_dim": 16, "num_key_value_heads": 1}),
     "qwen3-bias-window": ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
+    "gemma2-capped-tied": (
+        "gemma2",
+        {"sliding_window": 6, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
+         "tie_word_embeddings": True},
+    ),
+    "gemma2-uncapped-untied": ("gemma2", {"sliding_window": 6, "attn_logit_softcapping": None, "final_logit_softcapping": None}),
+    "gemma3-5to1-local-rope": (
+        "gemma3", {"num_hidden_layers": 6, "sliding_window": 5, "rope_parameters": GEMMA3_ROPE, "head_dim": 16},
+    ),
+    "gemma3-global-final-cap": (  # transformers caps only Gemma 3's final logits, whatever the config says
+        "gemma3",
+        {"layer_types": ["full_attention"] * 2, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 2.0,
+         "tie_word_embeddings": True},
+    ),
+    "phi3-window": ("phi3", {"sliding_window": 7}),
+    "phi4-mini-partial-rotary": (
+        "phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75}},
+    ),
+    "phi35-longrope": ("phi3", {"rope_parameters": _longrope(8), **LONGROPE_LENGTHS}),
+    "phi3-longrope-partial-tied": ("phi3", {"rope_parameters": _longrope(4), **LONGROPE_LENGTHS, "tie_word_embeddings": True}),
 }
 
 
@@ -57,7 +94,19 @@ def test_logits_match_transformers(tmp_path, variant, scan_layers):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window"])
+def test_longrope_switches_to_its_long_factors_past_the_pre_training_length(tmp_path):
+    """Inputs of 48 (above) take the long factors; 20 positions stay within the 32
+    pre-trained ones and take the short factors, as transformers chooses per batch."""
+    model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture="phi3", rope_parameters=_longrope(8), **LONGROPE_LENGTHS)
+    input_ids = np.random.default_rng(0).integers(0, 97, size=(2, 20)).astype(np.int64)
+    ours = np.asarray(rs.AutoModelForCausalLM.from_pretrained(model_dir)(input_ids))
+    np.testing.assert_allclose(ours, _reference_logits(model_dir, input_ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window", "gemma2-capped-tied", "gemma3-5to1-local-rope", "phi3-window"],
+)
 def test_packed_segments_match_documents_run_alone(tmp_path, variant):
     architecture, overrides = VARIANTS[variant]
     model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture=architecture, **overrides)
@@ -83,7 +132,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, .*Gemma2ForCausalLM, .*Phi3ForCausalLM"):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
 
 
@@ -107,13 +156,21 @@ def test_model_directory_without_config_names_the_path(tmp_path):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_export_round_trip_loads_in_transformers(tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize(
+    "variant, dtype",
+    [("qwen3-headdim16", "float32"), ("qwen3-headdim16", "bfloat16"), ("gemma3-5to1-local-rope", "float32"),
+     ("phi35-longrope", "float32")],
+)
+def test_export_round_trip_loads_in_transformers(tmp_path, monkeypatch, variant, dtype):
+    """Sharded files that transformers loads with the same logits; Phi-3's projections
+    fused again exactly as the source held them."""
     import json
+
+    from safetensors.numpy import load_file
 
     from raysft.workers.models import export
 
-    architecture, overrides = VARIANTS["qwen3-headdim16"]
+    architecture, overrides = VARIANTS[variant]
     source = save_tiny_model(tmp_path / "source", vocab_size=97, architecture=architecture, **overrides)
     (source / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "max_new_tokens": 7}))
     monkeypatch.setattr(export, "SHARD_BYTES", 20_000)  # force several files and an index
@@ -137,6 +194,12 @@ def test_export_round_trip_loads_in_transformers(tmp_path, monkeypatch, dtype):
     # fp32 export is lossless; bf16 rounds the weights, so compare against the rounded model.
     ours = np.asarray(model(input_ids)) if dtype == "float32" else np.asarray(rs.AutoModelForCausalLM.from_pretrained(out)(input_ids))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    if dtype == "float32":  # lossless: the very tensors the source holds, under its names
+        read = lambda d: {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}  # noqa: E731
+        written, original = read(out), read(source)
+        assert sorted(written) == sorted(original)
+        for key in original:
+            np.testing.assert_array_equal(written[key], original[key], err_msg=key)
 
 
 def test_bfloat16_params_and_compute_track_float32(tmp_path):
@@ -153,3 +216,35 @@ def test_bfloat16_params_and_compute_track_float32(tmp_path):
     # logits each rounded: within 4 such steps of the logits' scale (measured: about 1.6).
     error = np.abs(np.asarray(logits, np.float32) - full).max()
     assert error <= 2**-6 * np.abs(full).max(), error
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scanned"])
+def test_fused_checkpoint_loads_and_exports_sharded_over_fsdp_and_tp(tmp_path, scan_layers):
+    """Phi-3 on a 2 x 2 fsdp/tp mesh: each device reads its slice of q, k, v (or gate,
+    up) out of the fused tensors, and the export gathers and fuses them again into the
+    very tensors the checkpoint holds."""
+    from etils import epath
+    from safetensors.numpy import load_file
+
+    from raysft.workers.mesh import global_mesh
+    from raysft.workers.models.partition import param_sharding
+    from raysft.workers.models.export import save_pretrained
+    from raysft.workers.models.loading import load_params
+
+    architecture, overrides = VARIANTS["phi3-window"]
+    model_dir = save_tiny_model(tmp_path / "source", vocab_size=96, architecture=architecture, **overrides)
+    model = rs.AutoModelForCausalLM.from_pretrained(model_dir, scan_layers=scan_layers)
+    mesh = global_mesh(1, 2, 2, 1)
+    sharded, _ = load_params(model_dir, model.layout, lambda name, shape: param_sharding(mesh, name, shape))
+    kernel = next(n for n in sharded if n.endswith("k_proj.kernel"))
+    assert len(sharded[kernel].sharding.device_set) == 4
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(value), err_msg=name)
+
+    import json
+
+    save_pretrained(sharded, json.loads((model_dir / "config.json").read_text()), epath.Path(tmp_path / "out"))
+    written, original = load_file(tmp_path / "out" / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert sorted(written) == sorted(original) and any("qkv_proj" in key for key in written)
+    for key in original:
+        np.testing.assert_array_equal(written[key], original[key], err_msg=key)

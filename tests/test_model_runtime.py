@@ -13,11 +13,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import raysft as rs
 from conftest import save_tiny_model
 from raysft.workers.loss import token_loss_sums
-from raysft.workers.mesh import global_mesh, param_sharding
+from raysft.workers.mesh import global_mesh
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig
+from raysft.workers.models.fused import fused_rows
 from raysft.workers.models.llama import LlamaForCausalLM
-from raysft.workers.models.params import ParamLayout
+from raysft.workers.models.params import ParamLayout, hf_tensors
+from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.runtime import REMAT_POLICIES, ModelRuntime
 from raysft.workers.step import batch_sums
 
@@ -101,6 +103,52 @@ def test_chunked_cross_entropy_matches_autodiff_on_full_logits(tmp_path, chunk, 
     assert ("lm_head.kernel" in grads) != tied
     for name in grads:
         np.testing.assert_allclose(chunked_grads[name], grads[name], atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "architecture, overrides",
+    [("gemma2", {"sliding_window": 6, "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0}),
+     ("phi3", {"sliding_window": 7, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})],
+    ids=["gemma2-capped", "phi3-partial-rotary"],
+)
+def test_training_gradients_match_transformers_backward(tmp_path, architecture, overrides):
+    """One batch's loss and every parameter's gradient (scanned, chunked loss) against
+    transformers' backward pass on the same weights: the soft caps, (1 + w) norms and
+    partial rotary differentiate as torch differentiates them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(tmp_path, vocab_size=97, architecture=architecture, **overrides)
+    ours = rs.AutoModelForCausalLM.from_pretrained(model_dir, scan_layers=True)
+    batch = _batch()
+    batch["segment_ids"], batch["positions"] = jnp.ones_like(batch["segment_ids"]), jnp.broadcast_to(jnp.arange(48), (2, 48))
+    loss, grads = _loss_and_grads(ours.layout, ours.params, batch, chunk=16)
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    logits = ref(torch.from_numpy(np.asarray(batch["input_ids"])).long()).logits[:, :-1]
+    targets = torch.from_numpy(np.asarray(batch["input_ids"])[:, 1:]).long()
+    weights = torch.from_numpy(np.asarray(batch["loss_weights"])[:, 1:])
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="none")
+    ref_loss = (token_loss * weights.reshape(-1)).sum() / weights.sum()
+    ref_loss.backward()
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+    ref_grads = {name: p.grad.numpy() for name, p in ref.named_parameters()}
+    fused = fused_rows(ours.config)  # Phi-3: q/k/v and gate/up are rows of one fused tensor
+    compared = set()
+    for name, grad in grads.items():
+        pieces = hf_tensors(name, grad.shape)
+        for layer, (key, transposed) in enumerate(pieces):
+            ours_grad = np.asarray(grad[layer] if len(pieces) > 1 else grad)
+            ours_grad = ours_grad.T if transposed else ours_grad
+            if key in fused:
+                fused_key, start, stop = fused[key]
+                ref_grad, key = ref_grads[fused_key][start:stop], fused_key
+            else:
+                ref_grad = ref_grads[key]
+            np.testing.assert_allclose(ours_grad, ref_grad, atol=2e-5, err_msg=key)
+            compared.add(key)
+    tied_head = {"lm_head.weight"} if ours.config.tie_word_embeddings else set()  # the embedding's gradient
+    assert compared == set(ref_grads) - tied_head
 
 
 def test_loss_sums_against_numpy():

@@ -88,15 +88,17 @@ def _loss(layout, params, ids) -> float:
     return float(-jnp.take_along_axis(log_probs, jnp.asarray(ids[:, 1:, None]), axis=-1).mean())
 
 
-@pytest.mark.parametrize("kind, scan_layers", [("int8", False), ("nf4", True)])
-def test_quantized_model_is_what_its_export_computes(tmp_path, kind, scan_layers):
+@pytest.mark.parametrize(
+    "kind, scan_layers, architecture", [("int8", False, "qwen2"), ("nf4", True, "qwen2"), ("int8", True, "phi3")]
+)
+def test_quantized_model_is_what_its_export_computes(tmp_path, kind, scan_layers, architecture):
     """The quantized, adapted model's logits equal transformers' on its merged export (the
-    base dequantized, the adapters merged), and its loss is close to the same adapters on
-    the full-precision base."""
+    base dequantized, the adapters merged; Phi-3's fused again), and its loss is close to
+    the same adapters on the full-precision base."""
     from etils import epath
     from transformers import AutoModelForCausalLM
 
-    model_dir = save_tiny_model(tmp_path / "base", vocab_size=97, architecture="qwen2", hidden_size=64,
+    model_dir = save_tiny_model(tmp_path / "base", vocab_size=97, architecture=architecture, hidden_size=64,
                                 intermediate_size=128, head_dim=16)
     cfg = ModelConfig.from_hf_dict(read_hf_config(model_dir / "config.json"))
     targets = ("q_proj", "v_proj", "down_proj")  # the other projections are quantized, not adapted

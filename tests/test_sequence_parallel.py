@@ -10,7 +10,8 @@ import pytest
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding
+from raysft.workers.mesh import batch_sharding, global_mesh
+from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.attention import IMPLEMENTATIONS
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.runtime import ModelRuntime

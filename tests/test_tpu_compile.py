@@ -76,6 +76,21 @@ def test_each_generation_compiles_with_splash_within_budget(small_model, tpu_typ
     assert run.export_largest_gather == 4096 * 256 * 4
 
 
+def test_gemma2_compiles_a_capped_splash_kernel_per_kind_of_layer(tmp_path):
+    """Gemma 2's sliding and global layers, scanned: two branches of one scanned body,
+    each with a splash kernel of its own window, both soft-capping the scores."""
+    gemma = {
+        **SMALL, "architectures": ["Gemma2ForCausalLM"], "sliding_window": 256, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 64, "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(gemma))
+    config = SFTConfig(tpu_type="v5p-8", dtype="bfloat16", scan_layers=True, total_batch_size=8, max_sequence_length=1024)
+    run = CompiledRun.compile(plan_spec(config, tmp_path), config.tpu_slice.compile_devices(), with_eval=False,
+                              with_export=False)
+    assert run.uses_splash and run.train_hlo.count("tpu_custom_call") >= 4  # 2 kinds x forward and backward
+    assert "conditional" in run.train_hlo
+
+
 def test_export_gathers_one_layer_at_a_time(small_model):
     config = SFTConfig(tpu_type="v5p-8", scan_layers=True)
     spec = plan_spec(config, small_model)

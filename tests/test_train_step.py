@@ -3,6 +3,8 @@ changes the numbers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.mesh import batch_sharding, global_mesh, param_sharding
+from raysft.workers.mesh import batch_sharding, global_mesh
+from raysft.workers.models.partition import param_sharding
 from raysft.workers.step import make_eval_step, make_gradient_fn, make_train_step
 
 
@@ -187,6 +190,11 @@ def test_model_flops_count_each_documents_causal_pairs_by_hand():
     # + the LM head 8*32 = 1984 matmul parameters, 6 FLOPs each per token; 12*3*4*2 = 288 per pair.
     assert flops.model_flops(cfg, tokens=14, pairs=46) == 6 * 1984 * 14 + 288 * 46
     assert flops.flops_per_token(cfg, 8) == 6 * 1984 + 288 * 36 / 8  # one 8-token document per row
+    # A layer with a window of 2 sees 1, 2, 2, ... keys: 3 + 5 + 1 + 15 pairs; two layers average.
+    assert float(flops.attention_pairs(segments, (None, 2))) == (46 + 24) / 2
+    # Windows of 3 in two of three layers: 8 tokens see 1 + 2 + 3 * 6 = 21 keys there, 36 in the other.
+    windowed = dataclasses.replace(cfg, sliding_windows=(None, 3, 3))
+    assert flops.flops_per_token(windowed, 8) == 6 * 1984 + 288 * (36 + 21 + 21) / 3 / 8
 
     # A CPU mesh's peak is its machine's, however many virtual devices it has.
     peak, source = flops.mesh_peak_flops(jax.devices())

@@ -5,7 +5,9 @@ token (the LM head included, the embedding lookup not), plus attention's scores 
 weighted sum for the (query, key) pairs a causal document has, 12 x layers x heads x
 head_dim per pair (forward and backward). A packed row of documents of lengths n_i has
 sum n_i (n_i + 1) / 2 pairs, not T^2 / 2: the attention a document never computes
-against its neighbours is not counted.
+against its neighbours is not counted, nor, in a sliding-window layer (Mistral, Gemma),
+the keys beyond its window. Pairs are averaged over the layers, so the per-pair factor
+stays the model's.
 """
 
 from __future__ import annotations
@@ -36,20 +38,28 @@ def attention_flops_per_pair(cfg: ModelConfig) -> float:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of rows that are each one document of `seq_len` tokens
-    (T (T + 1) / 2 pairs per T tokens): the estimate for a run not yet measured."""
-    return matmul_flops_per_token(cfg) + attention_flops_per_pair(cfg) * (seq_len + 1) / 2
+    (T (T + 1) / 2 pairs per T tokens, fewer under a window): the estimate for a run not
+    yet measured."""
+    keys = np.arange(1, seq_len + 1)
+    pairs = np.mean([np.minimum(keys, w or seq_len).sum() for w in cfg.window_per_layer or (None,)])
+    return matmul_flops_per_token(cfg) + attention_flops_per_pair(cfg) * pairs / seq_len
 
 
-def attention_pairs(segment_ids_BxT: jax.Array) -> jax.Array:
-    """The causal (query, key) pairs of the documents in the rows: each real token
-    attends to itself and the tokens before it in its segment (segments are contiguous)."""
+def attention_pairs(segment_ids_BxT: jax.Array, windows=(None,)) -> jax.Array:
+    """The causal (query, key) pairs of the documents in the rows, averaged over layers of
+    `windows` (one per layer; None: no window): each real token attends to itself and the
+    tokens before it in its segment (segments are contiguous), at most `window` of them."""
     t = segment_ids_BxT.shape[-1]
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BxT.shape)
     starts = jnp.concatenate(
         [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1
     )
     segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-    return jnp.sum(jnp.where(segment_ids_BxT > 0, index - segment_start + 1, 0).astype(jnp.float32))
+    keys_BxT = jnp.where(segment_ids_BxT > 0, index - segment_start + 1, 0)
+    windows = tuple(windows) or (None,)  # a model of no layers (a plan's cost probe) counts as causal
+    layers = {w: windows.count(w) for w in windows}  # each distinct window counted once
+    total = sum(n * jnp.sum(jnp.minimum(keys_BxT, w or t).astype(jnp.float32)) for w, n in layers.items())
+    return total / len(windows)
 
 
 def model_flops(cfg: ModelConfig, tokens: float, pairs: float) -> float:

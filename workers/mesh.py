@@ -1,7 +1,8 @@
-"""The global device mesh and where parameters and batches live on it.
+"""The global device mesh and where batches, activations and optimizer state live on it
+(parameters: `workers.models.partition`, from each family's rules).
 
 Axes: `dp` (replicas), `fsdp` (parameters split, batch split), `tp` (Megatron tensor
-parallelism: column-parallel q/k/v/gate/up/lm_head, row-parallel o/down), `sp` (the
+parallelism: the projections each family splits by column or by row), `sp` (the
 sequence split: activations, attention's queries, and parameters as fsdp splits them).
 """
 
@@ -11,16 +12,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from raysft.workers.models.params import is_stacked
-from raysft.workers.models.quantization import SCALE_LEAF
-
 AXES = ("dp", "fsdp", "tp", "sp")
 BATCH_AXES = ("dp", "fsdp")
 # What a parameter's "fsdp" dimension is split over (ZeRO-3): every axis that splits the
 # data, so sp's devices, which hold other positions of the same rows, share the weights.
 PARAM_SHARD_AXES = {"fsdp": ("fsdp", "sp")}
-_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-_ROW = ("o_proj", "down_proj")
 
 
 class ShardingError(ValueError):
@@ -73,48 +69,6 @@ def resolve_dims(dims: tuple[int, ...], count: int) -> list[int]:
     if count % known or int(np.prod(resolved)) != count:
         raise ShardingError(f"sharding_axis_dims {tuple(dims)} (dp, fsdp, tp, sp) do not fit the {count} devices")
     return resolved
-
-
-def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
-    """Axis names per dimension of parameter `name`, before any layer axis."""
-    parts = name.split(".")
-    module, leaf = parts[-2] if len(parts) > 1 else "", parts[-1]
-    if leaf == "embedding":  # [vocab, hidden]
-        return ("tp", "fsdp")
-    if leaf == "kernel" and module in _COLUMN:  # [in, out]: split the outputs over tp
-        return ("fsdp", "tp")
-    if leaf == "kernel" and module in _ROW:  # [in, out]: split the inputs over tp
-        return ("tp", "fsdp")
-    if leaf == "bias" and module in _COLUMN:
-        return ("tp",)
-    # LoRA's A [in, r] and B [r, out] split their in and out dims as the kernel does, and
-    # QLoRA's scales [in / block, out] both.
-    kernel = param_spec(name.rsplit(".", 1)[0] + ".kernel", ()) if leaf in ("lora_a", "lora_b", SCALE_LEAF) else None
-    if leaf == SCALE_LEAF:
-        return kernel
-    if leaf == "lora_a":
-        return (kernel[0], None)
-    if leaf == "lora_b":
-        return (None, kernel[1])
-    return (None,) * len(shape)  # norms, row-parallel biases: small, replicated
-
-
-def param_sharding(mesh: Mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
-    stacked = is_stacked(name)
-    dims = shape[1:] if stacked else shape
-    entries = []
-    for size, axis in zip(dims, param_spec(name, dims)):
-        axes = tuple(a for a in PARAM_SHARD_AXES.get(axis, (axis,)) if a and mesh.shape[a] > 1)
-        ways = int(np.prod([mesh.shape[a] for a in axes]))
-        if size % ways and name.endswith(SCALE_LEAF):  # fewer blocks than shards: small, replicated
-            axes = ()
-        elif size % ways:
-            raise ShardingError(
-                f"parameter {name} {tuple(shape)}: dimension {size} is not divisible by mesh "
-                f"{' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}; choose sharding_axis_dims that divide it"
-            )
-        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(*(((None,) if stacked else ()) + tuple(entries))))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

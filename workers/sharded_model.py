@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from raysft.data.locations import local_copy, location
-from raysft.workers.mesh import global_mesh, param_sharding
+from raysft.workers.mesh import global_mesh
 from raysft.workers.models.auto import build_layout
-from raysft.workers.models.config import ModelConfig, read_hf_config
+from raysft.workers.models.config import ModelConfig, read_hf_config, text_model_config
 from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.loading import load_params, load_quantized
 from raysft.workers.models.lora import (
@@ -22,6 +22,7 @@ from raysft.workers.models.lora import (
 )
 from raysft.workers.models.quantization import Quantization, quantized_part
 from raysft.workers.models.params import ParamLayout
+from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.peft import read_adapter, save_adapter
 from raysft.workers.models.runtime import ModelRuntime
 from raysft.workers.models.source import ModelSource
@@ -47,7 +48,9 @@ class ShardedModel:
         of the model for cost estimates)."""
         mesh = global_mesh(*spec.sharding_axis_dims, devices=devices, num_slices=spec.num_slices)
         model_dir = ModelSource.parse(spec.model).fetch(weights=devices is None)
-        hf_config = {**read_hf_config(model_dir / "config.json"), **(hf_overrides or {})}
+        hf_config = read_hf_config(model_dir / "config.json")
+        if hf_overrides:  # over the language model's own config (a multimodal checkpoint nests it)
+            hf_config = {**text_model_config(hf_config), **hf_overrides}
         config = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
         runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
         lora = lora_settings(spec, config)
@@ -109,9 +112,8 @@ class ShardedModel:
         the base parameters among `trained` (the names the run trained) saved whole."""
         trained = set(trained)
         save_adapter(
-            {n: p for n, p in params.items() if is_adapter(n)}, self.lora, location(out_dir), base_model,
+            {n: p for n, p in params.items() if is_adapter(n)}, self.lora, location(out_dir), base_model, self.config,
             {n: p for n, p in params.items() if n in trained and not is_adapter(n)},
-            self.config.tie_word_embeddings,
         )
 
 

@@ -123,7 +123,8 @@ def make_train_step(
             "supervised_tokens": sums["weight_sum"],
             "token_accuracy": sums["correct"] / denom,
             "tokens": real_tokens,
-            "attention_pairs": attention_pairs(batch["segment_ids"]),  # for the model FLOPs of packed rows
+            # for the model FLOPs of packed rows
+            "attention_pairs": attention_pairs(batch["segment_ids"], layout.attention_windows),
             "padding_fraction": 1.0 - real_tokens / batch["segment_ids"].size,
         }
         return params, opt_state, metrics

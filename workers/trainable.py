@@ -179,7 +179,7 @@ def check_run(spec, model_dir) -> None:
     if lora:  # the run ends with a PEFT adapter, which must hold whatever trains
         base = {n: layout.shapes[n] for _, names in trainable.stages for n in names if not is_adapter(n)}
         try:
-            modules_to_save(base, lora)
+            modules_to_save(base, lora, cfg)
         except ValueError as err:
             raise FreezingError(f"{err}: train it whole (trainable_parameters) or adapt it (lora_target_modules), "
                                 "not both") from None

@@ -5,6 +5,10 @@ Every implementation takes q [B, T, H, K], k and v [B, S, G, K] (G divides H), t
 [B, T, H, K]. A query attends to key s when s <= t, both are in the same segment, and
 t - s < window. `vanilla` is the reference that the others are tested against.
 
+`scale` multiplies the scores (default 1/sqrt(K); Gemma's is 1/sqrt(query_pre_attn_scalar))
+and `softcap` bounds them to (-cap, cap) with cap * tanh(score / cap) before the mask, as
+Gemma 2 does.
+
 Under sequence parallelism each device holds T = S / sp of the queries and all S keys:
 `q_offset` is the position of its first query and `kv_segment_ids` [B, S] the keys'
 segments (by default S = T, offset 0, and the keys share the queries' segments).
@@ -42,10 +46,7 @@ def _allowed(q_Tx1, k_1xS, window):
 
 def attention_mask(segment_ids_BxT, window=None, kv_segment_ids_BxS=None, q_offset=0):
     """[B, T, S] True where query t may attend key s: causal, same document, in the window.
-
-    `window` may be a traced scalar (scanned layers with different windows); a value
-    >= S means no window. `q_offset` (static or traced) is the first query's position.
-    """
+    `q_offset` (static or traced) is the first query's position."""
     kv_segment_ids_BxS = segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
     t, s = segment_ids_BxT.shape[1], kv_segment_ids_BxS.shape[1]
     allowed_TxS = _allowed(q_offset + jnp.arange(t)[:, None], jnp.arange(s)[None, :], window)
@@ -53,30 +54,41 @@ def attention_mask(segment_ids_BxT, window=None, kv_segment_ids_BxS=None, q_offs
     return allowed_TxS[None] & same_doc_BxTxS
 
 
-def vanilla_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0):
+def capped(scores, softcap):
+    """Gemma 2's attention-logit soft cap (None: the scores as they are)."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def vanilla_attention(
+    q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0,
+    scale=None, softcap=None,
+):
     b, t, h, d = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
     mask_BxTxS = attention_mask(segment_ids_BxT, window, kv_segment_ids, q_offset)
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, d)
-    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK) * d**-0.5
-    scores_BxGxRxTxS = scores_BxGxRxTxS.astype(jnp.float32)
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK) * (scale or d**-0.5)
+    scores_BxGxRxTxS = capped(scores_BxGxRxTxS.astype(jnp.float32), softcap)
     scores_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
     probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
     out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK)
     return out_BxTxGxRxK.reshape(b, t, h, d)
 
 
-def blocked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0):
+def blocked_attention(
+    q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0,
+    scale=None, softcap=None,
+):
     """Vanilla attention one block of queries at a time, over only the keys that block
     can see: about half the work of the full T x S scores for causal rows, less with a
     window. Plain XLA, so it runs everywhere; about 2x vanilla's speed on CPU. With a
-    traced window or query offset (a sequence shard) each block takes every key."""
+    traced query offset (a sequence shard) each block takes every key."""
     b, t, h, d = q_BxTxHxK.shape
     s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
     kv_segment_ids = segment_ids_BxT if kv_segment_ids is None else kv_segment_ids
-    static = isinstance(q_offset, (int, np.integer)) and (window is None or isinstance(window, (int, np.integer)))
+    static = isinstance(q_offset, (int, np.integer))
     block = max(64, t // 16)  # bounds the unrolled blocks (compile time) at 16 per layer
-    q_BxGxRxTxK = (q_BxTxHxK * d**-0.5).reshape(b, t, g, h // g, d).transpose(0, 2, 3, 1, 4)
+    q_BxGxRxTxK = (q_BxTxHxK * (scale or d**-0.5)).reshape(b, t, g, h // g, d).transpose(0, 2, 3, 1, 4)
     k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
     v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
     outs = []
@@ -89,6 +101,7 @@ def blocked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=N
         scores_BxGxRxQxS = jnp.einsum(
             "bgrqk,bgsk->bgrqs", q_BxGxRxTxK[:, :, :, q0:q1], k_BxGxSxK[:, :, k0:k1]
         ).astype(jnp.float32)
+        scores_BxGxRxQxS = capped(scores_BxGxRxQxS, softcap)
         allowed_QxS = _allowed(q_offset + jnp.arange(q0, q1)[:, None], jnp.arange(k0, k1)[None, :], window)
         same_doc_BxQxS = segment_ids_BxT[:, q0:q1, None] == kv_segment_ids[:, None, k0:k1]
         mask_BxQxS = allowed_QxS[None] & same_doc_BxQxS
@@ -99,17 +112,28 @@ def blocked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=N
     return out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0):
-    """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in 16-bit, XLA elsewhere."""
+def dot_product_attention(
+    q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0,
+    scale=None, softcap=None,
+):
+    """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in 16-bit, XLA elsewhere.
+    It has no soft cap: a capped model (Gemma 2) takes the blocked form here."""
+    if softcap is not None:
+        return blocked_attention(
+            q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window,
+            kv_segment_ids=kv_segment_ids, q_offset=q_offset, scale=scale, softcap=softcap,
+        )
     mask_Bx1xTxS = attention_mask(segment_ids_BxT, window, kv_segment_ids, q_offset)[:, None]
     if jax.default_backend() == "gpu" and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(
-                q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, implementation="cudnn"
+                q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, scale=scale, implementation="cudnn"
             )
         except (ValueError, NotImplementedError, RuntimeError):
             pass  # a shape or head size cuDNN does not take: XLA computes the same thing
-    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, implementation="xla")
+    return jax.nn.dot_product_attention(
+        q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS, scale=scale, implementation="xla"
+    )
 
 
 def splash_block(seq_len: int, q_seq_shards: int = 1) -> int:
@@ -125,10 +149,13 @@ def splash_block(seq_len: int, q_seq_shards: int = 1) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def splash_kernel(seq_len: int, heads_per_group: int, window: int | None, interpret: bool, q_seq_shards: int = 1):
+def splash_kernel(
+    seq_len: int, heads_per_group: int, window: int | None, interpret: bool, q_seq_shards: int = 1,
+    softcap: float | None = None,
+):
     """The multi-query splash kernel for rows of `seq_len`, its mask split into
     `q_seq_shards` query shards (the kernel of one shard is taken with
-    `manual_sharding_spec` inside `shard_map`)."""
+    `manual_sharding_spec` inside `shard_map`), capping its scores at `softcap`."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -146,12 +173,13 @@ def splash_kernel(seq_len: int, heads_per_group: int, window: int | None, interp
         return splash.make_splash_mqa(
             masks.MultiHeadMask([one] * heads_per_group),
             block_sizes=sizes, head_shards=1, q_seq_shards=q_seq_shards, interpret=interpret,
+            attn_logits_soft_cap=softcap,
         )
 
 
 def splash_attention(
     q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window=None, *, kv_segment_ids=None, q_offset=0,
-    kernel=None, interpret=None,
+    scale=None, softcap=None, kernel=None, interpret=None,
 ):
     """TPU Pallas splash attention; each KV group is one multi-query kernel call.
 
@@ -163,15 +191,14 @@ def splash_attention(
 
     b, t, h, d = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
-    if window is not None and not isinstance(window, (int, np.integer)):
-        raise ValueError("splash attention needs the same sliding window in every scanned layer")
     if kernel is None:
         interpret = jax.default_backend() != "tpu" if interpret is None else interpret
         splash_block(t)
-        kernel = splash_kernel(t, h // g, window, interpret)
+        kernel = splash_kernel(t, h // g, window, interpret, softcap=softcap)
     kv_segment_ids = segment_ids_BxT if kv_segment_ids is None else kv_segment_ids
-    # The kernel does not scale: fold 1/sqrt(K) into q as the other mechanisms do.
-    q_BxGxRxTxK = (q_BxTxHxK * d**-0.5).reshape(b, t, g, h // g, d).transpose(0, 2, 3, 1, 4)
+    # The kernel does not scale: fold the scale into q as the other mechanisms do (the
+    # kernel caps the scaled scores, as the others do).
+    q_BxGxRxTxK = (q_BxTxHxK * (scale or d**-0.5)).reshape(b, t, g, h // g, d).transpose(0, 2, 3, 1, 4)
     k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
     v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
 

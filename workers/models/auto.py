@@ -15,7 +15,6 @@ from flax import nnx
 from raysft.data.locations import location
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
-from raysft.workers.models.llama import LlamaForCausalLM
 from raysft.workers.models.loading import load_params, tensor_files
 from raysft.workers.models.lora import LoraSettings
 from raysft.workers.models.params import ParamLayout
@@ -26,8 +25,10 @@ from raysft.workers.models.source import ModelSource
 def build_layout(
     cfg: ModelConfig, dtype, param_dtype, runtime: ModelRuntime = ModelRuntime(), lora: LoraSettings | None = None
 ) -> ParamLayout:
+    module = cfg.family.module()
     return ParamLayout.of(
-        lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, runtime=runtime, lora=lora, rngs=nnx.Rngs(0))
+        lambda: module(cfg, dtype=dtype, param_dtype=param_dtype, runtime=runtime, lora=lora, rngs=nnx.Rngs(0)),
+        cfg.window_per_layer,
     )
 
 

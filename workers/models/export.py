@@ -17,6 +17,8 @@ from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
 from raysft.data.locations import is_object_storage, make_dir
+from raysft.workers.models.config import ModelConfig, text_model_config
+from raysft.workers.models.fused import fused_rows
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
 from raysft.workers.models.lora import is_adapter, merged_kernel
 from raysft.workers.models.params import hf_tensors, is_stacked
@@ -97,21 +99,29 @@ def _to_host(
 
 
 def _shard_plan(
-    params: dict[str, jax.Array], itemsize: int, tensors_of: Callable = hf_tensors
-) -> list[list[tuple[str, int, str, bool]]]:
-    """Files of at most SHARD_BYTES: each a list of (param, layer piece, file's tensor
-    name, transposed)."""
-    files: list[list[tuple[str, int, str, bool]]] = [[]]
-    size = 0
+    params: dict[str, jax.Array], itemsize: int, tensors_of: Callable = hf_tensors, fused: dict | None = None
+) -> list[list[tuple[str, list[tuple[str, int, bool]]]]]:
+    """Files of at most SHARD_BYTES: each a list of (file's tensor name, its parts: (param,
+    layer piece, transposed)). A tensor has one part, or several that a fused checkpoint
+    (`fused`: `fused.fused_rows`) concatenates along its rows, in the order they appear."""
+    fused = fused or {}
+    tensors: dict[str, list[tuple[int, str, int, bool]]] = {}
+    sizes: dict[str, int] = {}
     for name in sorted(params):
         shape = params[name].shape
         piece_bytes = int(np.prod(shape[1:] if is_stacked(name) else shape)) * itemsize
         for piece, (key, transposed) in enumerate(tensors_of(name, shape)):
-            if size and size + piece_bytes > SHARD_BYTES:
-                files.append([])
-                size = 0
-            files[-1].append((name, piece, key, transposed))
-            size += piece_bytes
+            key, start = (fused[key][0], fused[key][1]) if key in fused else (key, 0)
+            tensors.setdefault(key, []).append((start, name, piece, transposed))
+            sizes[key] = sizes.get(key, 0) + piece_bytes
+    files: list[list[tuple[str, list[tuple[str, int, bool]]]]] = [[]]
+    size = 0
+    for key, parts in tensors.items():
+        if size and size + sizes[key] > SHARD_BYTES:
+            files.append([])
+            size = 0
+        files[-1].append((key, [(name, piece, transposed) for _, name, piece, transposed in sorted(parts)]))
+        size += sizes[key]
     return files
 
 
@@ -123,18 +133,20 @@ def save_pretrained(
     lora_scale: float | None = None,
 ) -> None:
     """Write safetensors (sharded at 5 GB, with an index) and config.json to `out_dir`
-    (a local directory or an object-storage prefix); LoRA adapters in `params` are merged
-    into their kernels (`lora_scale`: alpha / r), a QLoRA base dequantized first: the
-    model as it trained.
+    (a local directory or an object-storage prefix): the model raysft trained (from a
+    multimodal source, its text-only language model: `text_model_config`), with fused
+    projections fused again. LoRA adapters in `params` are merged into their kernels
+    (`lora_scale`: alpha / r), a QLoRA base dequantized first: the model as it trained.
 
     Call on every process; only process 0 writes. Parameters are gathered one layer at a
     time and each file is written as soon as its tensors are gathered, so a device holds
     at most one layer's extra copy and the host one file's worth of weights.
     """
     base = [name for name in params if not is_adapter(name) and not is_scale(name)]
-    write_tensors(params, out_dir, dtype, base, lora_scale=lora_scale)
+    fused = fused_rows(ModelConfig.from_hf_dict(hf_config))
+    write_tensors(params, out_dir, dtype, base, lora_scale=lora_scale, fused=fused)
     if jax.process_index() == 0:
-        config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
+        config = dict(text_model_config(hf_config), torch_dtype=dtype, dtype=dtype)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -146,12 +158,14 @@ def write_tensors(
     tensors_of: Callable = hf_tensors,
     single_file: str = SINGLE_FILE,
     lora_scale: float | None = None,
+    fused: dict | None = None,
 ) -> None:
     """Parameters `names` of `params` as safetensors files in `out_dir` (one file, or
-    shards of 5 GB with an index), each tensor named and laid out by `tensors_of`."""
+    shards of 5 GB with an index), each tensor named and laid out by `tensors_of`, and
+    fused where `fused` says the checkpoint holds them so."""
     np_dtype = EXPORT_DTYPES[dtype]
     writer = jax.process_index() == 0
-    files = _shard_plan({name: params[name] for name in names}, np.dtype(np_dtype).itemsize, tensors_of)
+    files = _shard_plan({name: params[name] for name in names}, np.dtype(np_dtype).itemsize, tensors_of, fused)
     file_names = [single_file] if len(files) == 1 else [
         f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
     ]
@@ -160,10 +174,13 @@ def write_tensors(
     weight_map, total = {}, 0
     for file_name, entries in zip(file_names, files):
         tensors = {}
-        for name, piece, key, transposed in entries:
-            host = _to_host(name, params, piece, dtype, writer, lora_scale)
+        for key, parts in entries:
+            hosts = []
+            for name, piece, transposed in parts:
+                host = _to_host(name, params, piece, dtype, writer, lora_scale)
+                hosts.append(host.T if writer and transposed else host)
             if writer:
-                tensors[key] = np.ascontiguousarray(host.T if transposed else host)
+                tensors[key] = np.ascontiguousarray(hosts[0] if len(hosts) == 1 else np.concatenate(hosts))
         if writer:
             _save_safetensors(tensors, out_dir / file_name)
             weight_map.update(dict.fromkeys(tensors, file_name))

@@ -28,6 +28,15 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3's layer: norms around attention and the MLP, and q/k norms.
+_GEMMA3_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -35,11 +44,11 @@ _GLOBAL_TENSORS = {
 }
 
 
-def _hf_tensor_name(gguf_name: str) -> str:
+def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     _, layer, kind, suffix = gguf_name.split(".")
-    return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+    return f"model.layers.{layer}.{layer_tensors[kind]}.{suffix}"
 
 
 def _unpermute_rows(w_OxI: np.ndarray, heads: int) -> np.ndarray:
@@ -49,31 +58,39 @@ def _unpermute_rows(w_OxI: np.ndarray, heads: int) -> np.ndarray:
 
 def _hf_config(fields: dict, tensor_names: set[str]) -> dict:
     arch = fields["general.architecture"]
-    if arch != "llama":
-        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (llama)")
-    heads = fields["llama.attention.head_count"]
-    hidden = fields["llama.embedding_length"]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": fields.get("llama.vocab_size", len(fields["tokenizer.ggml.tokens"])),
+    if arch not in ("llama", "gemma3"):
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (llama, gemma3)")
+    heads = fields[f"{arch}.attention.head_count"]
+    hidden = fields[f"{arch}.embedding_length"]
+    head_dim = fields.get(f"{arch}.attention.key_length", fields.get(f"{arch}.rope.dimension_count", hidden // heads))
+    config = {
+        "vocab_size": fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
         "hidden_size": hidden,
-        "intermediate_size": fields["llama.feed_forward_length"],
-        "num_hidden_layers": fields["llama.block_count"],
+        "intermediate_size": fields[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": fields[f"{arch}.block_count"],
         "num_attention_heads": heads,
-        "num_key_value_heads": fields.get("llama.attention.head_count_kv", heads),
-        "head_dim": fields.get("llama.rope.dimension_count", hidden // heads),
-        "rms_norm_eps": fields["llama.attention.layer_norm_rms_epsilon"],
-        "rope_theta": fields.get("llama.rope.freq_base", 10000.0),
-        "max_position_embeddings": fields.get("llama.context_length", 2048),
+        "num_key_value_heads": fields.get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": fields[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "rope_theta": fields.get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": fields.get(f"{arch}.context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
-        "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    if arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **config, "hidden_act": "silu",
+                "mlp_bias": False}
+    # What llama.cpp's Gemma 3 takes as given rather than reading from the file: five sliding
+    # layers to a global one, a local RoPE base of 10,000, and the attention scale of
+    # 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 62-layer 27B.
+    scalar = hidden // heads if config["num_hidden_layers"] == 62 else head_dim
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **config,
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": fields[f"{arch}.attention.sliding_window"],
+            "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": scalar,
+            "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
@@ -95,14 +112,17 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     reader = gguf.GGUFReader(gguf_path)
     fields = {name: field.contents() for name, field in reader.fields.items()}
     config = _hf_config(fields, {t.name for t in reader.tensors})
+    llama = config["model_type"] == "llama"
     tensors = {}
     for t in reader.tensors:
         weights = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name = _hf_tensor_name(t.name)
-        if ".attn_q." in t.name:
+        name = _hf_tensor_name(t.name, _LAYER_TENSORS if llama else _GEMMA3_LAYER_TENSORS)
+        if llama and ".attn_q." in t.name:
             weights = _unpermute_rows(weights, config["num_attention_heads"])
-        elif ".attn_k." in t.name:
+        elif llama and ".attn_k." in t.name:
             weights = _unpermute_rows(weights, config["num_key_value_heads"])
+        elif not llama and "norm.weight" in name:  # llama.cpp stores Gemma's norms as 1 + w
+            weights = weights - 1.0
         tensors[name] = weights.reshape(tuple(reversed([int(d) for d in t.shape])))
 
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")

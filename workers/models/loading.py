@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from raysft.workers.models.config import ModelLoadError
+from raysft.workers.models.config import ModelConfig, ModelLoadError
+from raysft.workers.models.fused import RowSlice, fused_rows
 from raysft.workers.models.params import ParamLayout, hf_tensors, is_stacked
 from raysft.workers.models.quantization import Quantization, is_codes, quantize_program, scale_name
 
@@ -41,16 +42,24 @@ class ParamReader:
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.files = tensor_files(model_dir)
+        cfg = ModelConfig.from_file(model_dir / "config.json")
+        self.fused, self.prefix = fused_rows(cfg), cfg.checkpoint_prefix
         self.handles = {}
         self.bytes_read = 0
 
     def _tensor(self, key: str, expected: tuple[int, ...]):
+        rows = None
+        if self.prefix + key not in self.files and key in self.fused:  # a part of a fused projection
+            key, *rows = self.fused[key]
+        key = self.prefix + key  # a multimodal checkpoint's language model
         if key not in self.files:
             raise ModelLoadError(f"{self.model_dir}: tensor {key!r} missing from the checkpoint")
         path = self.files[key]
         if path not in self.handles:
             self.handles[path] = safe_open(path, framework="numpy")
         tensor = self.handles[path].get_slice(key)
+        if rows:
+            tensor = RowSlice(tensor, *rows)
         if tuple(tensor.get_shape()) != tuple(expected):
             raise ModelLoadError(
                 f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, config implies {tuple(expected)}"

@@ -25,9 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raysft.workers.models.config import ModelConfig
+from raysft.workers.models.families import FAMILIES
 from raysft.workers.models.quantization import Quantization, QuantizedLinear
 
-LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every family's decoder-layer projections (QLoRA quantizes the bases of these).
+LAYER_MODULES = tuple(dict.fromkeys(name for family in FAMILIES for name in family.lora_targets))
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 ADAPTER_DTYPE = jnp.float32  # adapters train in fp32 whatever the base weights' dtype
 
@@ -54,23 +56,34 @@ def adapted_kernel(name: str) -> str:
     return name.rsplit(".", 1)[0] + ".kernel"
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def checkpoint_projections(cfg: ModelConfig) -> tuple[str, ...]:
+    """The decoder-layer modules LoRA may adapt as the checkpoint (and PEFT) names them:
+    Phi-3's `qkv_proj` for raysft's `q_proj`, `k_proj` and `v_proj`."""
+    return tuple(dict.fromkeys(cfg.family.checkpoint_projection(kind) for kind in cfg.family.lora_targets))
+
+
 def module_names(cfg: ModelConfig) -> list[str]:
-    """The Hugging Face names of the projections LoRA may adapt, as PEFT matches them."""
+    """The Hugging Face names of the modules LoRA may adapt, as PEFT matches them."""
     names = [
-        f"model.layers.{layer}.{'self_attn' if kind in LAYER_MODULES[:4] else 'mlp'}.{kind}"
+        cfg.module_name(f"model.layers.{layer}.{cfg.family.module_path(kind)}")
         for layer in range(cfg.num_hidden_layers)
-        for kind in LAYER_MODULES
+        for kind in checkpoint_projections(cfg)
     ]
     return names if cfg.tie_word_embeddings else [*names, "lm_head"]
 
 
 def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ...]:
-    """The projections `lora_target_modules` names, with PEFT's rules: "all-linear" (every
-    projection but the output layer), a list of names (a module whose name is one, or ends
-    with "." and one), or one string as a regular expression over the full module names."""
-    names = module_names(cfg)
+    """The projections `lora_target_modules` names, with PEFT's rules over the checkpoint's
+    module names: "all-linear" (every projection but the output layer), a list of names (a
+    module whose name is one, or ends with "." and one), or one string as a regular
+    expression over the full module names. A fused module (Phi-3's `qkv_proj`) adapts
+    each projection it holds."""
+    names, kinds = module_names(cfg), checkpoint_projections(cfg)
     if targets == "all-linear":
-        return LAYER_MODULES
+        return cfg.family.lora_targets
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -79,21 +92,33 @@ def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ..
         matched = [n for n in names if pattern.fullmatch(n)]
     else:
         matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in matched}, key=[*LAYER_MODULES, "lm_head"].index)
+    adapted = sorted({n.rsplit(".", 1)[-1] for n in matched}, key=[*kinds, "lm_head"].index)
     if not matched:
         raise ValueError(
             f"lora_target_modules {targets!r} matches none of the model's projections; it can name "
-            f"{', '.join([*LAYER_MODULES, *names[len(LAYER_MODULES) * cfg.num_hidden_layers:]])} "
+            f"{', '.join([*kinds, *names[len(kinds) * cfg.num_hidden_layers:]])} "
             f"(full names like {names[0]!r}), or be 'all-linear'"
         )
-    for kind in kinds:
-        layers = sorted({int(n.split(".")[2]) for n in matched if n.endswith("." + kind) and n.startswith("model.")})
+    for kind in adapted:
+        layers = sorted({int(_LAYER.search(n)[1]) for n in matched if n.endswith("." + kind) and _LAYER.search(n)})
         if kind != "lm_head" and len(layers) != cfg.num_hidden_layers:
             raise ValueError(
                 f"lora_target_modules {targets!r} adapts {kind} in layers {layers} only; raysft adapts a projection "
                 "in every decoder layer or in none"
             )
-    return tuple(kinds)
+    return tuple(part for kind in adapted for part in cfg.family.parts(kind))
+
+
+def peft_target_modules(modules: tuple[str, ...], cfg: ModelConfig) -> list[str] | str:
+    """`target_modules` for PEFT: the checkpoint's names of the adapted modules, or for a
+    multimodal model a pattern over its language model's (a plain name would also adapt
+    the vision tower's modules of that name)."""
+    names = list(dict.fromkeys(cfg.family.checkpoint_projection(m) for m in modules))
+    if cfg.modules_root == "model.":
+        return names
+    layers = [n for n in names if n != "lm_head"]
+    pattern = re.escape(cfg.modules_root) + r"layers\.\d+\.(self_attn|mlp)\.(" + "|".join(layers) + ")"
+    return pattern + ("|lm_head" if "lm_head" in names else "")
 
 
 def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -34,13 +34,15 @@ class ParamLayout:
     graphdef: Any
     treedef: Any
     shapes: dict[str, jax.ShapeDtypeStruct]
+    # Each layer's sliding window (None: none), for counting attention FLOPs.
+    attention_windows: tuple[int | None, ...] = (None,)
 
     @classmethod
-    def of(cls, build: Callable[[], nnx.Module]) -> "ParamLayout":
+    def of(cls, build: Callable[[], nnx.Module], attention_windows=(None,)) -> "ParamLayout":
         """Layout of the model `build()` would make, without allocating its parameters."""
         graphdef, state = nnx.split(nnx.eval_shape(build))
         shapes, treedef = _flatten(state)
-        return cls(graphdef, treedef, shapes)
+        return cls(graphdef, treedef, shapes, tuple(attention_windows))
 
     @classmethod
     def initialise(cls, build: Callable[[], nnx.Module]) -> tuple["ParamLayout", dict[str, jax.Array]]:

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from raysft.workers.mesh import BATCH_AXES, ShardingError, activation_spec
 from raysft.workers.models.attention import ATTENTION_MECHANISMS, IMPLEMENTATIONS, resolve_mechanism, splash_kernel
 
 # Names as EasyDeL and MaxText spell them; `full` saves nothing, like `nothing_saveable`.
@@ -53,23 +53,22 @@ class ModelRuntime:
     def mechanism(self) -> str:
         return resolve_mechanism(self.attn_mechanism, self.platform)
 
-    def attention(self) -> Callable:
-        """`attend(q, k, v, segment_ids, window)` on global arrays [B, T, ...].
+    def attention(self, scale: float | None = None, softcap: float | None = None) -> Callable:
+        """`attend(q, k, v, segment_ids, window)` on global arrays [B, T, ...], scores
+        scaled by `scale` (default 1/sqrt(K)) and capped at `softcap`.
 
         XLA partitions plain attention over the batch and heads itself. A Pallas kernel
         is opaque to its partitioner, and with `sp` every device should attend only its
         own queries: there each device gets its rows, heads and query shard in a
         `shard_map`, and all keys of its rows (gathered over sp).
         """
-        fn = IMPLEMENTATIONS[self.mechanism]
+        fn = functools.partial(IMPLEMENTATIONS[self.mechanism], scale=scale, softcap=softcap)
         splash = self.mechanism == "splash"
         if splash:
             fn = functools.partial(fn, interpret=self.platform != "tpu")
         mesh = self.mesh
         if mesh is None or mesh.size == 1 or (not splash and mesh.shape["sp"] == 1):
             return fn
-        from raysft.workers.mesh import BATCH_AXES, ShardingError
-
         sp = mesh.shape["sp"]
         q_heads, kv_heads = P(BATCH_AXES, "sp", "tp", None), P(BATCH_AXES, None, "tp", None)
         q_rows, kv_rows = P(BATCH_AXES, "sp"), P(BATCH_AXES, None)
@@ -82,18 +81,15 @@ class ModelRuntime:
                 )
             if t % sp:
                 raise ShardingError(f"sp={sp} does not divide max_sequence_length {t}")
-            # A window that differs per scanned layer is traced: it enters as an argument.
-            traced = window is not None and not isinstance(window, (int, np.integer))
-            extra, extra_specs = ((window,), (P(),)) if traced else ((), ())
+            extra, extra_specs = (), ()
             if splash:
-                kernel = splash_kernel(t, heads // groups, window, self.platform != "tpu", sp)
+                kernel = splash_kernel(t, heads // groups, window, self.platform != "tpu", sp, softcap)
                 extra += (kernel,)
                 extra_specs += (kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, "sp"))),)
 
-            def local(q, k, v, segments, kv_segments, *rest):
-                w = rest[0] if traced else window
-                kw = {"kernel": rest[-1]} if splash else {"q_offset": jax.lax.axis_index("sp") * (t // sp)}
-                return fn(q, k, v, segments, w, kv_segment_ids=kv_segments, **kw)
+            def local(q, k, v, segments, kv_segments, *kernel):
+                kw = {"kernel": kernel[0]} if splash else {"q_offset": jax.lax.axis_index("sp") * (t // sp)}
+                return fn(q, k, v, segments, window, kv_segment_ids=kv_segments, **kw)
 
             return jax.shard_map(
                 local,
@@ -133,8 +129,6 @@ class ModelRuntime:
         """Keep activations split over the batch axes and the sequence over sp."""
         if self.mesh is None or self.mesh.size == 1:
             return x_BxTxD
-        from raysft.workers.mesh import activation_spec
-
         return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(self.mesh, activation_spec()))
 
     def remat(self, fn: Callable) -> Callable:

@@ -136,6 +136,21 @@ def test_unsupported_architecture_is_named(tmp_path):
         rs.AutoModelForCausalLM.from_pretrained(model_dir)
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn' is not supported"),
+     ({"hidden_activation": "relu6"}, "hidden activation 'relu6' is not one of"),
+     ({"use_bidirectional_attention": True}, "bidirectional Gemma")],
+)
+def test_a_setting_raysft_does_not_take_is_named_with_the_config_file(setting, message):
+    from raysft.workers.models.config import ModelConfig
+
+    hf = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+          "num_hidden_layers": 2, "num_attention_heads": 2, **setting}
+    with pytest.raises(ValueError, match=f"^models/g/config.json: {message}"):
+        ModelConfig.from_hf_dict(hf, source="models/g/config.json")
+
+
 def test_missing_model_directory_names_the_path(tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(ValueError, match=f"model directory not found: {missing}"):

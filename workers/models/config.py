@@ -15,6 +15,10 @@ from raysft.workers.models.families import SUPPORTED_ARCHITECTURES, Family, fami
 
 
 
+# The gated MLP's activations (`decoder.ACTIVATIONS` computes them).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+
+
 class ModelLoadError(ValueError):
     """A model directory or file that cannot be loaded; the message names it."""
 
@@ -80,7 +84,7 @@ class ModelConfig:
                     "original_max_position_embeddings": hf.get("original_max_position_embeddings"), **scaling,
                     "rope_type": "longrope",
                 }
-            return cls(
+            cfg = cls(
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
                 intermediate_size=hf["intermediate_size"],
@@ -99,9 +103,13 @@ class ModelConfig:
                 modules_root=root,
                 **family.switches(architecture, hf, layers),
             )
+            if cfg.hidden_activation not in ACTIVATIONS:
+                raise ValueError(f"hidden activation {cfg.hidden_activation!r} is not one of {', '.join(ACTIVATIONS)}")
+            cfg.rope_tables()  # an unsupported rope_scaling fails here, naming the file, not inside a trace
+            return cfg
         except KeyError as err:
             raise ModelLoadError(f"{source}: missing field {err.args[0]!r}") from None
-        except ValueError as err:  # a switch the family does not take
+        except ValueError as err:  # a switch, activation or RoPE scaling raysft does not take
             raise ModelLoadError(f"{source}: {err}") from None
 
     @classmethod

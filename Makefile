@@ -35,7 +35,7 @@ demo: $(VENV)/.demo-installed
 # at low priority, so a second test process beside them (tried with pytest-xdist) starved
 # them: CI took 70 min instead of 55, and a fault-tolerance run passed its 20-min limit.
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py

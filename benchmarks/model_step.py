@@ -57,38 +57,61 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 
 def ours(s: Settings, input_ids) -> float:
-    import jax
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.llama import LlamaForCausalLM
     from raysft.workers.models.params import ParamLayout
     from raysft.workers.models.runtime import ModelRuntime
-    from raysft.workers.step import make_train_step
 
     cfg = ModelConfig.from_hf_dict(hf_config(s).to_dict() | {"architectures": ["LlamaForCausalLM"]})
     runtime = ModelRuntime(s.attn_mechanism, s.gradient_checkpointing, s.scan_layers)
     layout, params = ParamLayout.initialise(lambda: LlamaForCausalLM(cfg, runtime=runtime, rngs=nnx.Rngs(0)))
+    return time_jax_training(layout, params, input_ids, s.warmup_steps, s.steps, loss_chunk_size=s.loss_chunk_size)
+
+
+def time_jax_training(layout, params, input_ids, warmup: int, steps: int, **step_settings) -> float:
+    """Seconds per raysft train step (AdamW) of the model `layout` on rows `input_ids`."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from raysft.workers.step import make_train_step
+
     optimizer = optax.adamw(1e-4)
-    opt_state = optimizer.init(params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    train_step = make_train_step(layout, optimizer, (device, device), s.loss_chunk_size)
+    train_step = make_train_step(layout, optimizer, (device, device), **step_settings)
     ids = jnp.asarray(input_ids, jnp.int32)
     batch = {
         "input_ids": ids,
         "segment_ids": jnp.ones_like(ids),
-        "positions": jnp.broadcast_to(jnp.arange(s.seq_len), ids.shape),
+        "positions": jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape),
         "loss_weights": jnp.ones(ids.shape, jnp.float32),
     }
-    state = {"params": params, "opt": opt_state}
+    state = {"params": params, "opt": optimizer.init(params)}
 
     def step():
         state["params"], state["opt"], metrics = train_step(state["params"], state["opt"], batch, {}, 0)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(step, s.warmup_steps, s.steps)
+    return time_steps(step, warmup, steps)
+
+
+def time_torch_training(model, input_ids, warmup: int, steps: int, **forward) -> float:
+    """Seconds per PyTorch training step (AdamW) of `model` on rows `input_ids`."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.from_numpy(input_ids)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids, **forward).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, warmup, steps)
 
 
 def pytorch(s: Settings, input_ids) -> float:
@@ -96,17 +119,7 @@ def pytorch(s: Settings, input_ids) -> float:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(hf_config(s)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.from_numpy(input_ids)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return time_steps(step, s.warmup_steps, s.steps)
+    return time_torch_training(LlamaForCausalLM(hf_config(s)), input_ids, s.warmup_steps, s.steps)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def exported(result: dict) -> dict[str, bytes]:
 def main() -> None:
     s = Settings()
     out = s.out or Path(tempfile.mkdtemp(prefix="raysft-recovery-"))
-    results = run_scenarios(out, ("no_checkpoints", "uninterrupted", "node_killed"))
+    results = run_scenarios(out, ("no_checkpoints", "uninterrupted", "node_killed"), architecture="llama")
     for name, result in results.items():
         if "error" in result:
             raise SystemExit(f"{name}: {result['error']}")

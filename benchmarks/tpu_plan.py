@@ -2,7 +2,7 @@
 compiler on this CPU machine (`raysft plan`), plus two figures the plan stands on:
 sequence parallelism's memory and the export's memory, both from compiled programs.
 
-    python benchmarks/tpu_plan.py [--sections table,sp,export,lora] [--models Llama-3.1-8B] [--slices v5p-16]
+    python benchmarks/tpu_plan.py [--sections table,sp,export,lora,moe] [--models Llama-3.1-8B] [--slices v5p-16]
 
 Each table cell is `rs.plan` of one run: T = 4096, 32 sequences per step, bf16 compute,
 fp32 parameters and AdamW, scanned layers, splash attention, starting with no remat and
@@ -27,6 +27,7 @@ from raysft.workers.compiled_run import CompiledRun
 
 CONFIGS = Path(__file__).parent / "model_configs"
 MODELS = ["Llama-3.2-1B", "Llama-3.1-8B", "Qwen2.5-7B", "Gemma-2-9B", "Gemma-3-27B", "Llama-3.1-70B"]
+# Mixtures of experts have their own section (`moe`): their meshes and remat differ per cell.
 SLICES = ["v4-16", "v5litepod-16", "v5p-16", "v5p-64", "v6e-16"]
 RUN = dict(
     max_sequence_length=4096, total_batch_size=32, dtype="bfloat16", param_dtype="float32", scan_layers=True,
@@ -37,7 +38,7 @@ RUN = dict(
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(cli_parse_args=True, cli_prog_name="tpu_plan.py")
 
-    sections: list[str] = ["table", "sp", "export", "lora"]
+    sections: list[str] = ["table", "sp", "export", "lora", "moe"]
     models: list[str] = MODELS
     slices: list[str] = SLICES
     estimate: bool = False  # the cost model's step time too (2 more compiles per fitting cell)
@@ -148,11 +149,44 @@ def lora() -> dict:
     return out
 
 
+EXPERTS_LORA = {"use_lora": True, "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]}
+MOE_CELLS = (  # (model, slice, run, settings over RUN): the settings that fit, or what was asked
+    ("Qwen3-30B-A3B", "v5p-16", "full", {"gradient_checkpointing": "nothing_saveable"}),
+    ("Qwen3-30B-A3B", "v5p-16", "LoRA", {**EXPERTS_LORA, "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
+    ("Qwen3-30B-A3B", "v5litepod-16", "full", {}),
+    ("Qwen3-30B-A3B", "v5litepod-16", "LoRA", EXPERTS_LORA),
+    ("Qwen3-30B-A3B", "v5litepod-16", "LoRA, capacity 1.25, bf16 base",
+     {**EXPERTS_LORA, "moe_capacity_factor": 1.25, "param_dtype": "bfloat16"}),
+    ("Mixtral-8x7B", "v5p-32", "full",
+     {"sharding_axis_dims": (1, 8, 2, 1), "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
+)
+
+
+def moe() -> dict:
+    """Mixtures of experts (dropless unless a cell sets a capacity factor): memory per chip
+    and, where it fits and the chip's cost model answers, the step estimate and the MFU it
+    implies on the FLOPs of what a token uses (its router and k experts)."""
+    out = {}
+    for model, tpu_type, run, settings in MOE_CELLS:
+        started = time.perf_counter()
+        result = plan(SFTConfig(tpu_type=tpu_type, **{**RUN, **settings}), CONFIGS / model, evaluate=False)
+        least = min([result.total] + [total for _, total in result.tried])
+        cell = {
+            "fits": result.fits, "gib_per_chip": round((result.total if result.fits else result.fix_total or least) / GiB, 2),
+            "change": result.fix.describe() if result.fix else "", "mfu": result.estimated_mfu,
+            "tokens_per_s_per_chip": result.estimate and round(result.estimate.tokens_per_second_per_device),
+            "step_s": result.estimate and round(result.estimate.seconds, 3), "seconds": round(time.perf_counter() - started),
+        }
+        out[f"{model} on {tpu_type}, {run}"] = cell
+        print(json.dumps({"moe": {f"{model} on {tpu_type}, {run}": cell}}), flush=True)
+    return out
+
+
 def main() -> None:
     settings = Settings()
     result = {"benchmark": "tpu_plan"}
     sections = (("table", table), ("sp", lambda s: sequence_parallel()), ("export", lambda s: export()),
-                ("lora", lambda s: lora()))
+                ("lora", lambda s: lora()), ("moe", lambda s: moe()))
     for section, run in sections:
         if section in settings.sections:
             result[section] = run(settings)

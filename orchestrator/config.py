@@ -144,6 +144,18 @@ class SFTConfig(BaseModel):
         1024, gt=0, description="Positions per cross-entropy chunk; full logits are never stored (None: no chunking)."
     )
     z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss, z_loss * mean(log Z^2).")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="Mixture-of-experts models: weight of the load-balancing loss (transformers' formula, "
+        "over real tokens). None: the checkpoint's router_aux_loss_coef; 0 turns it off.",
+    )
+    router_z_loss_coef: float = Field(
+        0.0, ge=0, description="Mixture-of-experts models: weight of the router z-loss, mean(logsumexp(router logits)^2).",
+    )
+    moe_capacity_factor: float | None = Field(
+        None, gt=0, description="Mixture-of-experts models: None routes every token to its experts (dropless); a "
+        "factor caps each expert at that many times its balanced share of a device's tokens and drops the overflow "
+        "(fixed-shape buffers; the step reports expert_dropped_fraction).",
+    )
 
     # LoRA and freezing
     use_lora: bool = Field(False, description="Train LoRA adapters on a frozen base (exported merged, and as a PEFT adapter).")

@@ -20,6 +20,7 @@ from raysft.orchestrator.plan_search import Change, candidate_changes, strongest
 from raysft.orchestrator.tpu import TpuSlice
 from raysft.workers.chips import GiB
 from raysft.workers.compiled_run import CompiledRun, StepEstimate, estimate_step
+from raysft.workers.flops import flops_per_token
 from raysft.workers.models.config import ModelConfig, read_hf_config, text_model_config
 from raysft.workers.spec import TrainSpec
 
@@ -146,8 +147,20 @@ class Plan:
         e = self.estimate
         return (
             f"estimate (the TPU compiler's cost model, not a measurement): {e.seconds:.4g} s per step, "
-            f"{e.tokens_per_second_per_device:,.0f} tokens/s per {self.unit} ({e.compile_s:.0f} s to compile its 2 programs)"
+            f"{e.tokens_per_second_per_device:,.0f} tokens/s per {self.unit}, MFU {self.estimated_mfu:.1%} "
+            f"({e.compile_s:.0f} s to compile its 2 programs)"
         )
+
+    @property
+    def estimated_mfu(self) -> float | None:
+        """The model FLOPs utilisation the estimate implies: model FLOPs per token (a
+        mixture's routed experts only) of rows one document long, against the chip's bf16 peak."""
+        if self.estimate is None:
+            return None
+        cfg = self.compiled.programs.model.config
+        per_device_peak = self.tpu.chip.peak_flops / self.tpu.chip.devices_per_chip
+        model = flops_per_token(cfg, self.config.max_sequence_length)
+        return self.estimate.tokens_per_second_per_device * model / per_device_peak
 
 
 def _devices(chip) -> str:

@@ -81,7 +81,7 @@ class ProgressReporter:
                 f"step {record['step']:>5}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  acc {record['token_accuracy']:.3f}  "
                 f"tokens/s {record['tokens_per_second']:.0f}  step {record['step_time_s']:.2f}s  "
-                f"pad {record['padding_fraction']:.1%}  mfu {record['mfu']:.1%}"
+                f"pad {record['padding_fraction']:.1%}  mfu {record['mfu']:.1%}" + _routing(record)
             )
             self._bar.update(record["step"] - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
@@ -134,3 +134,12 @@ def show_generations(record: dict, shown: int) -> str:
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _routing(record: dict) -> str:
+    """A mixture-of-experts model's load-balancing loss and its least and most loaded
+    expert's share of a layer's assignments (1 / experts each when balanced)."""
+    if "aux_loss" not in record:
+        return ""
+    return (f"  aux {record['aux_loss']:.4f}  expert load {record['expert_load_min']:.1%}"
+            f"-{record['expert_load_max']:.1%}")

@@ -1,4 +1,4 @@
-"""raysft: supervised fine-tuning of Llama-family models on JAX, orchestrated by Ray.
+"""raysft: supervised fine-tuning of dense and mixture-of-experts language models on JAX, orchestrated by Ray.
 
     import raysft as rs
     rs.SFTTrainer(arguments=rs.SFTConfig(...), model=..., train_dataset=...).train()

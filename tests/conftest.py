@@ -79,7 +79,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 128):
 
 def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random tiny causal LM of `architecture` (llama, mistral, qwen2, qwen3, gemma2,
-    gemma3, phi3) saved by transformers as fp32 safetensors."""
+    gemma3, phi3, qwen3_moe, mixtral) saved by transformers as fp32 safetensors; the
+    mixture-of-experts ones have 4 experts of which 2 per token."""
     import torch
     import transformers
 
@@ -91,6 +92,8 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }[architecture]
     settings = dict(
         vocab_size=vocab_size,
@@ -107,6 +110,10 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
         eos_token_id=2,
         pad_token_id=0,
     )
+    if architecture == "qwen3_moe":
+        settings.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+    if architecture == "mixtral":
+        settings.update(num_local_experts=4, num_experts_per_tok=2)
     settings.update(overrides)
     torch.manual_seed(seed)
     model = model_class(config_class(**settings)).eval()
@@ -114,6 +121,8 @@ def save_tiny_model(out_dir: Path, vocab_size: int, architecture: str = "llama",
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("mlp.gate.weight"):  # routers start near uniform; make the choice clear-cut
+                param.mul_(50.0)
     model.save_pretrained(out_dir)
     return out_dir
 

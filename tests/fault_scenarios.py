@@ -127,14 +127,19 @@ def bucket_files() -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
-def run_scenarios(out_dir: Path, scenarios=SCENARIOS, **overrides) -> dict:
+def run_scenarios(out_dir: Path, scenarios=SCENARIOS, architecture: str = "qwen3_moe", **overrides) -> dict:
     """Each scenario's summary, metric records and interruption; `no_checkpoints` is an
-    uninterrupted run that never saves (the baseline of the save overhead)."""
+    uninterrupted run that never saves (the baseline of the save overhead). The model: a
+    tiny mixture of experts, its 4 experts split over the 2 hosts' 4 devices, so every
+    step sends tokens between the hosts and each restart rebuilds that expert-parallel
+    mesh (`architecture` "llama": a dense one of the same width)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["RAYSFT_CACHE"] = str(out_dir / "driver-cache")  # the driver's own disk, not the user's cache
     model_dir = out_dir / "model"
     tokenizer = train_tokenizer(model_dir)
-    save_tiny_model(model_dir, len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, head_dim=32)
+    experts = {"moe_intermediate_size": 64} if architecture == "qwen3_moe" else {}
+    save_tiny_model(model_dir, len(tokenizer), architecture, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    head_dim=32, **experts)
     data_dir = out_dir / "data"
     data_dir.mkdir(exist_ok=True)
     write_jsonl(data_dir / "train.jsonl", [{"text": " ".join(CORPUS[i % 6 :] + CORPUS[: i % 6])} for i in range(64)])

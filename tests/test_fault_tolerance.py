@@ -63,8 +63,8 @@ def _assert_bit_identical(a: dict, b: dict) -> None:
 
 
 def test_drained_then_killed_node_resumes_each_time_and_ends_bit_identical(scenarios):
-    """One run on object storage (a real S3-compatible server, see below) loses a node
-    twice: drained for preemption after the checkpoint of step 10 (it saves at once, off
+    """One run of a mixture-of-experts model (its experts split over both hosts) on object
+    storage (a real S3-compatible server, see below) loses a node twice: drained for preemption after the checkpoint of step 10 (it saves at once, off
     the save_steps grid, and resumes there), then killed after the checkpoint of step 20
     (it resumes from the latest checkpoint there was). Its weights end as an uninterrupted
     run's, bit for bit."""

@@ -29,7 +29,7 @@ def _reference_greedy(model_dir, prompts, new_tokens, **kwargs) -> list[list[int
     "variant, scan_layers",
     [("llama-untied-gqa2", False), ("mistral-window", True), ("qwen2-window-from-layer-1", True),
      ("qwen3-bias-window", False), ("gemma2-capped-tied", True), ("gemma3-5to1-local-rope", False),
-     ("phi3-longrope-partial-tied", True)],
+     ("phi3-longrope-partial-tied", True), ("qwen3moe-raw-top3-window", True), ("mixtral-window", False)],
 )
 def test_greedy_tokens_match_transformers_generate(tmp_path, variant, scan_layers):
     """Batched prompts of different lengths (left-padded in one batch here, one by one

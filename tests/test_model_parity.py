@@ -76,6 +76,11 @@ VARIANTS = {
     ),
     "phi35-longrope": ("phi3", {"rope_parameters": _longrope(8), **LONGROPE_LENGTHS}),
     "phi3-longrope-partial-tied": ("phi3", {"rope_parameters": _longrope(4), **LONGROPE_LENGTHS, "tie_word_embeddings": True}),
+    "qwen3moe-renormalised-top2": ("qwen3_moe", {}),
+    "qwen3moe-raw-top3-window": (
+        "qwen3_moe", {"norm_topk_prob": False, "num_experts_per_tok": 3, "use_sliding_window": True, "sliding_window": 6},
+    ),
+    "mixtral-window": ("mixtral", {"sliding_window": 6}),
 }
 
 
@@ -105,7 +110,8 @@ def test_longrope_switches_to_its_long_factors_past_the_pre_training_length(tmp_
 
 @pytest.mark.parametrize(
     "variant",
-    ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window", "gemma2-capped-tied", "gemma3-5to1-local-rope", "phi3-window"],
+    ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window", "gemma2-capped-tied", "gemma3-5to1-local-rope", "phi3-window",
+     "qwen3moe-raw-top3-window"],
 )
 def test_packed_segments_match_documents_run_alone(tmp_path, variant):
     architecture, overrides = VARIANTS[variant]
@@ -174,11 +180,11 @@ def test_model_directory_without_config_names_the_path(tmp_path):
 @pytest.mark.parametrize(
     "variant, dtype",
     [("qwen3-headdim16", "float32"), ("qwen3-headdim16", "bfloat16"), ("gemma3-5to1-local-rope", "float32"),
-     ("phi35-longrope", "float32")],
+     ("phi35-longrope", "float32"), ("mixtral-window", "float32")],
 )
 def test_export_round_trip_loads_in_transformers(tmp_path, monkeypatch, variant, dtype):
     """Sharded files that transformers loads with the same logits; Phi-3's projections
-    fused again exactly as the source held them."""
+    fused again and Mixtral's experts split again exactly as the source held them."""
     import json
 
     from safetensors.numpy import load_file

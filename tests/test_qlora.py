@@ -18,7 +18,7 @@ from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained
 from raysft.workers.models.loading import load_params, load_quantized
-from raysft.workers.models.lora import LAYER_MODULES, LoraSettings, initial_adapters, is_adapter
+from raysft.workers.models.lora import LoraSettings, initial_adapters, is_adapter
 from raysft.workers.models.quantization import (
     NF4_LEVELS, Quantization, dequantize, is_codes, is_scale, quantize, quantized_part,
 )
@@ -105,7 +105,7 @@ def test_quantized_model_is_what_its_export_computes(tmp_path, kind, scan_layers
     lora = LoraSettings(4, 8.0, 0.0, targets, Quantization(kind, 32))
     layout, params = _load(model_dir, lora, scan_layers)
     codes = [n for n in params if is_codes(n, params)]
-    assert len(codes) == len(LAYER_MODULES) * (1 if scan_layers else cfg.num_hidden_layers)
+    assert len(codes) == len(cfg.family.lora_targets) * (1 if scan_layers else cfg.num_hidden_layers)  # every projection
     assert all(params[n].dtype == lora.quantization.code_dtype for n in codes)
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 24))
     ours = np.asarray(layout.bind(params)(jnp.asarray(ids)))

@@ -181,10 +181,16 @@ def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | N
     The cost model counts a loop body once: the scanned layers, the chunked loss, the
     micro-batch scan, and the compiler's own windowed-einsum loops. So two copies of the
     step are compiled without any of them (unscanned, one chunk, one micro-batch,
-    windowed einsum off), with 0 and 1 decoder layers: the step is then
-    micro-batches x (base + layers x one layer). The micro-batches' copies of the
+    windowed einsum off), with 1 and 2 decoder layers (a copy of none would have no
+    adapters for a LoRA run to train): one layer is their difference, the rest the base,
+    and the step micro-batches x (base + layers x one layer). The micro-batches' copies of the
     optimizer update are counted too (a small overcount). None where the cost model has
     no usable answer (libtpu 0.0.42 gives negative times for v4 and v5e programs).
+
+    A dropless mixture of experts is estimated at balanced routing: the cost model gives
+    negative times for ragged matmuls and ragged all-to-alls, so its copies route with
+    `moe_capacity_factor` 1 (each expert exactly its share, fixed-shape buffers, regular
+    all-to-alls), the same FLOPs and traffic as dropless routing when the router balances.
     """
     micro = dataclasses.replace(
         spec,
@@ -192,18 +198,20 @@ def estimate_step(spec: TrainSpec, devices, num_layers: int) -> StepEstimate | N
         loss_chunk_size=None,
         gradient_accumulation_steps=1,
         total_batch_size=spec.total_batch_size // spec.gradient_accumulation_steps,
+        moe_capacity_factor=spec.moe_capacity_factor or 1.0,
     )
     seconds, compile_s = [], 0.0
-    for layers in (0, 1):
+    for layers in (1, 2):
         model = ShardedModel.build(micro, devices, hf_overrides={"num_hidden_layers": layers, "layer_types": None})
         programs = _programs(model, micro, total_steps=1000)
         lowered = _lower_train_step(programs, programs.abstract_batch(micro.total_batch_size, micro.max_sequence_length))
         compiled, took = _compile(lowered, _NO_WINDOWED_EINSUM)
         compile_s += took
         seconds.append(float(_cost(compiled).get("optimal_seconds", float("nan"))))
-    if not all(0 < s < math.inf for s in seconds) or seconds[1] < seconds[0]:
+    one_layer = seconds[1] - seconds[0]
+    base = seconds[0] - one_layer
+    if not all(0 < s < math.inf for s in seconds) or one_layer <= 0 or base < 0:
         return None
-    base, one_layer = seconds[0], seconds[1] - seconds[0]
     step_s = spec.gradient_accumulation_steps * (base + num_layers * one_layer)
     tokens = spec.total_batch_size * spec.max_sequence_length
     return StepEstimate(step_s, tokens / step_s / len(devices), compile_s)

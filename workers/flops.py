@@ -1,7 +1,8 @@
 """Model FLOPs and the peak FLOP/s of the mesh they run on, for MFU.
 
 Model FLOPs are counted as MaxText and PaLM count them: 6 x the matmul parameters per
-token (the LM head included, the embedding lookup not), plus attention's scores and
+token (the LM head included, the embedding lookup not; of a mixture of experts, the
+experts a token is routed to), plus attention's scores and
 weighted sum for the (query, key) pairs a causal document has, 12 x layers x heads x
 head_dim per pair (forward and backward). A packed row of documents of lengths n_i has
 sum n_i (n_i + 1) / 2 pairs, not T^2 / 2: the attention a document never computes
@@ -26,10 +27,15 @@ from raysft.workers.models.config import ModelConfig
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> float:
+    """A mixture of experts counts the parameters a token uses: its router and its
+    `num_experts_per_tok` experts, not every expert."""
     d, f, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     h, g = cfg.num_attention_heads, cfg.num_key_value_heads
-    per_layer = d * h * k + 2 * d * g * k + h * k * d + 3 * d * f
-    return 6 * (cfg.num_hidden_layers * per_layer + d * cfg.vocab_size)
+    attention = d * h * k + 2 * d * g * k + h * k * d
+    sparse = cfg.sparse_per_layer.count(True)
+    mlp = (cfg.num_hidden_layers - sparse) * 3 * d * f
+    experts = sparse * (d * cfg.num_experts + cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size)
+    return 6 * (cfg.num_hidden_layers * attention + mlp + experts + d * cfg.vocab_size)
 
 
 def attention_flops_per_pair(cfg: ModelConfig) -> float:

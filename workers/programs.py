@@ -63,9 +63,11 @@ class RunPrograms:
         abstract_opt = jax.eval_shape(optimizer.init, {n: model.layout.shapes[n] for n in trained})
         opt_shardings = optimizer_state_shardings(abstract_opt, model.layout.shapes, model.shardings, mesh)
         rows = batch_sharding(mesh)
+        aux = model.config.router_aux_loss_coef if spec.router_aux_loss_coef is None else spec.router_aux_loss_coef
         train_step = make_train_step(
             model.layout, optimizer, (trained_shardings, opt_shardings), spec.loss_chunk_size, spec.z_loss,
             accumulation, rows, frozen_shardings, spec.seed if model.lora and model.lora.dropout else None,
+            (aux, spec.router_z_loss_coef),
         )
         eval_step = make_eval_step(model.layout, spec.loss_chunk_size, accumulation, rows, model.shardings)
         return cls(

@@ -52,7 +52,9 @@ class ShardedModel:
         if hf_overrides:  # over the language model's own config (a multimodal checkpoint nests it)
             hf_config = {**text_model_config(hf_config), **hf_overrides}
         config = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
-        runtime = ModelRuntime(spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh)
+        runtime = ModelRuntime(
+            spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh, spec.moe_capacity_factor
+        )
         lora = lora_settings(spec, config)
         layout = build_layout(config, jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype), runtime, lora)
         shardings = {name: param_sharding(mesh, name, s.shape) for name, s in layout.shapes.items()}

@@ -16,7 +16,9 @@ _RUN_FIELDS = {
 _TRAJECTORY_FIELDS = (
     "total_batch_size", "num_train_epochs", "max_training_steps", "learning_rate", "learning_rate_end",
     "scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay", "clip_grad", "seed", "dtype",
-    "param_dtype", "z_loss", "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "param_dtype", "z_loss", "router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor",
+    "use_lora", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_target_modules",
     "lora_init_from", "quantize_base", "quantization_block_size", "trainable_parameters", "frozen_parameters",
     "unfreeze_schedule",
 )
@@ -44,6 +46,9 @@ class TrainSpec:
     scan_layers: bool
     loss_chunk_size: int | None
     z_loss: float
+    router_aux_loss_coef: float | None
+    router_z_loss_coef: float
+    moe_capacity_factor: float | None
     total_batch_size: int
     gradient_accumulation_steps: int
     num_train_epochs: int

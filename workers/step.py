@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +12,39 @@ from raysft.workers.flops import attention_pairs
 from raysft.workers.loss import token_loss_sums
 from raysft.workers.models.lora import child_key
 from raysft.workers.models.params import ParamLayout
+from raysft.workers.router_loss import expert_load, router_terms
+
+
+class RouterWeights(NamedTuple):
+    """The routing terms' weights in the objective, and `scale`, what a term of the mean
+    loss is multiplied by to join the objective's sum over tokens (the batch's supervised
+    tokens over its micro-batches), so the trained loss is mean CE + aux * aux_loss + ...."""
+
+    aux: float = 0.0
+    z: float = 0.0
+    scale: Any = 1.0
 
 
 def batch_sums(
-    layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None, z_loss: float = 0.0
+    layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None, z_loss: float = 0.0,
+    router: RouterWeights = RouterWeights(),
 ) -> dict[str, jax.Array]:
+    """`token_loss_sums` of the batch; for a mixture-of-experts model also its routing
+    terms (`router_terms`), which enter `objective` weighted by `router`."""
     model = layout.bind(params)
-    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key)
+    hidden_BxTxD, routing = model.hidden_states_and_routing(
+        batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key
+    )
     mesh = model.runtime.mesh
     sequence_shards = mesh.shape["sp"] if mesh is not None else 1
-    return token_loss_sums(
+    sums = token_loss_sums(
         hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size, sequence_shards, z_loss
     )
+    if routing is None:
+        return sums
+    terms = router_terms(routing)
+    penalty = router.aux * terms["aux_loss"] + router.z * terms["router_z_loss"]
+    return {**sums, "objective": sums["objective"] + router.scale * penalty, **jax.lax.stop_gradient(terms)}
 
 
 def accumulate(fn: Callable, steps: int, batch_sharding=None) -> Callable:
@@ -67,6 +88,7 @@ def make_gradient_fn(
     z_loss: float = 0.0,
     gradient_accumulation_steps: int = 1,
     batch_sharding=None,
+    router: tuple[float, float] = (0.0, 0.0),
 ) -> Callable:
     """`gradient(params, batch, frozen, dropout_key) -> (grads, sums)`: the gradient of
     the global-batch loss with respect to `params`; `frozen` (the rest of the model's
@@ -75,13 +97,19 @@ def make_gradient_fn(
     The loss is the sum of weighted token losses over the whole global batch (every
     micro-batch, every host's rows) divided once by the sum of their weights, so neither
     accumulation nor the number of hosts changes it. Micro-batches run in a `lax.scan`.
-    `z_loss` adds z_loss * mean(log Z^2) over supervised tokens.
+    `z_loss` adds z_loss * mean(log Z^2) over supervised tokens. A mixture-of-experts
+    model adds `router` = (aux, z) times its load-balancing loss and router z-loss, each
+    the mean over micro-batches of the micro-batch's (as transformers' accumulation has it).
     """
 
     def gradient(params, batch, frozen=None, dropout_key=None):
+        supervised = jnp.maximum(jnp.sum(batch["loss_weights"][:, 1:].astype(jnp.float32)), 1.0)
+        weights = RouterWeights(*router, scale=supervised / gradient_accumulation_steps)
+
         def objective_sums(trained, micro_batch, index):
             sums = batch_sums(
-                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index), z_loss
+                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index), z_loss,
+                weights,
             )
             return sums["objective"], sums
 
@@ -103,12 +131,14 @@ def make_train_step(
     batch_sharding=None,
     frozen_sharding=None,
     dropout_seed: int | None = None,
+    router: tuple[float, float] = (0.0, 0.0),
 ) -> Callable:
     """`train_step(params, opt_state, batch, frozen, step) -> (params, opt_state, metrics)`,
     one jitted step: gradient (see `make_gradient_fn`) of the trained `params`, optimizer
     update, metrics left on device. `frozen`: the model's other parameters ({} when all
-    train). With `dropout_seed`, LoRA dropout draws from (seed, `step`)."""
-    gradient = make_gradient_fn(layout, loss_chunk_size, z_loss, gradient_accumulation_steps, batch_sharding)
+    train). With `dropout_seed`, LoRA dropout draws from (seed, `step`). A mixture-of-experts
+    model's metrics add its routing terms and the least and most loaded expert's share."""
+    gradient = make_gradient_fn(layout, loss_chunk_size, z_loss, gradient_accumulation_steps, batch_sharding, router)
 
     def train_step(params, opt_state, batch, frozen, step):
         key = None if dropout_seed is None else jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step)
@@ -127,6 +157,14 @@ def make_train_step(
             "attention_pairs": attention_pairs(batch["segment_ids"], layout.attention_windows),
             "padding_fraction": 1.0 - real_tokens / batch["segment_ids"].size,
         }
+        if "aux_loss" in sums:
+            steps = gradient_accumulation_steps
+            metrics.update(
+                aux_loss=sums["aux_loss"] / steps, router_z_loss=sums["router_z_loss"] / steps,
+                **expert_load(sums["expert_assigned"]),
+            )
+            if "expert_dropped" in sums:
+                metrics["expert_dropped_fraction"] = sums["expert_dropped"] / jnp.maximum(sums["expert_assignments"], 1.0)
         return params, opt_state, metrics
 
     params_sharding, opt_sharding = shardings

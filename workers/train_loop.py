@@ -29,6 +29,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.optimizer import append_stage, build_optimizer
     from raysft.workers.preemption import Preempted, PreemptionNotice
     from raysft.workers.programs import RunPrograms
+    from raysft.workers.router_loss import ROUTING_METRICS
     from raysft.workers.sharded_model import ShardedModel
     from raysft.workers.trainable import for_run
 
@@ -193,6 +194,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
                     "step_time_s": elapsed / window_steps,
                     "mfu": model_flops(model.config, float(window_tokens), float(window_pairs)) / elapsed / peak,
                     "mfu_peak": peak_source,
+                    **{key: float(metrics[key]) for key in ROUTING_METRICS if key in metrics},
                 }
             )
             window_start, window_tokens, window_pairs, window_steps = time.perf_counter(), 0, 0, 0

@@ -58,6 +58,14 @@ class ModelConfig:
     # and the root of its modules in transformers' model (`model.language_model.`).
     checkpoint_prefix: str = ""
     modules_root: str = "model."
+    # Mixture of experts (Qwen3-MoE, Mixtral): a sparse layer's MLP is `num_experts` gated
+    # MLPs of `moe_intermediate_size`, of which a router picks `num_experts_per_tok` per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the picked experts' probabilities to sum to 1
+    sparse_layers: tuple[bool, ...] = ()  # per layer: experts (True) or the dense MLP
+    router_aux_loss_coef: float = 0.0  # the checkpoint's weight of the load-balancing loss
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -136,6 +144,14 @@ class ModelConfig:
         if projection in ("k_proj", "v_proj"):
             return self.num_key_value_heads * self.head_dim
         return self.intermediate_size if projection in ("gate_proj", "up_proj") else self.hidden_size
+
+    @property
+    def sparse_per_layer(self) -> tuple[bool, ...]:
+        return self.sparse_layers or (False,) * self.num_hidden_layers
+
+    @property
+    def mixes_dense_and_sparse(self) -> bool:
+        return len(set(self.sparse_per_layer)) > 1
 
     @property
     def attention_scale(self) -> float | None:

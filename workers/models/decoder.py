@@ -139,9 +139,14 @@ class MLP(nnx.Module):
 
 class DecoderModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_class, runtime: ModelRuntime, *, dtype, param_dtype, rngs, lora=None):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, runtime=runtime)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if runtime.scan_layers:
+            if cfg.mixes_dense_and_sparse:
+                raise ValueError(
+                    "scan_layers holds every decoder layer in one array, and this model mixes dense layers with "
+                    "mixture-of-experts layers (mlp_only_layers, decoder_sparse_step); set scan_layers false"
+                )
 
             @nnx.split_rngs(splits=cfg.num_hidden_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -150,7 +155,9 @@ class DecoderModel(nnx.Module):
 
             self.layers = stacked_layers(rngs)
         else:
-            self.layers = nnx.List([layer_class(cfg, **kw, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+            self.layers = nnx.List(
+                [layer_class(cfg, **kw, rngs=rngs, index=index) for index in range(cfg.num_hidden_layers)]
+            )
         self.norm = norm(cfg, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -186,6 +193,11 @@ class DecoderForCausalLM(nnx.Module):
     def hidden_states(self, input_ids_BxT, segment_ids_BxT=None, positions_BxT=None, dropout_key=None):
         """Final-norm hidden states [B, T, D]. `dropout_key`: LoRA dropout's randomness
         (training only; without it adapters see their whole input)."""
+        return self.hidden_states_and_routing(input_ids_BxT, segment_ids_BxT, positions_BxT, dropout_key)[0]
+
+    def hidden_states_and_routing(self, input_ids_BxT, segment_ids_BxT=None, positions_BxT=None, dropout_key=None):
+        """`hidden_states`, and a mixture-of-experts model's routing sums over the real
+        tokens (`experts.routing_sums`), stacked over its sparse layers (None when dense)."""
         cfg = self.config
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones_like(input_ids_BxT)
@@ -194,6 +206,7 @@ class DecoderForCausalLM(nnx.Module):
         cos_RxBxTxK, sin_RxBxTxK = rope_per_table(cfg, positions_BxT, self.dtype)
         x_BxTxD = self.runtime.constrain(self.embed(input_ids_BxT))
         attend = self.runtime.attention(scale=cfg.attention_scale, softcap=cfg.attn_logit_softcapping)
+        real_BxT = segment_ids_BxT > 0
 
         def layer_fn(graphdef):
             # A pure function of the layer's parameters, so it can be remat'ed and scanned.
@@ -205,30 +218,33 @@ class DecoderForCausalLM(nnx.Module):
                     child_key(dropout_key, layer_index),
                 )
                 x_BxTxD = layer.add_attention(x_BxTxD, attended_BxTxD)
-                return self.runtime.constrain(layer.feed_forward(x_BxTxD, child_key(dropout_key, layer_index)))
+                x_BxTxD, routing = layer.routed_feed_forward(x_BxTxD, real_BxT, child_key(dropout_key, layer_index))
+                return self.runtime.constrain(x_BxTxD), routing
 
             return run
 
         windows, tables = cfg.window_per_layer, cfg.rope_table_per_layer
         if self.runtime.scan_layers:
             graphdef, stacked_state = nnx.split(self.model.layers)
-            x_BxTxD = self._scan_layers(layer_fn(graphdef), stacked_state, windows, tables, x_BxTxD)
+            x_BxTxD, routing = self._scan_layers(layer_fn(graphdef), stacked_state, windows, tables, x_BxTxD)
         else:
+            per_layer = []
             for index, (layer, window, table) in enumerate(zip(self.model.layers, windows, tables)):
                 graphdef, state = nnx.split(layer)
                 run = layer_fn(graphdef)
-                x_BxTxD = self.runtime.remat(
+                x_BxTxD, sums = self.runtime.remat(
                     lambda s, x, run=run, w=window, r=table, i=index: run(s, w, r, x, i)
                 )(state, x_BxTxD)
-        return self.model.norm(x_BxTxD)
+                per_layer += [sums] if sums is not None else []
+            routing = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else None
+        return self.model.norm(x_BxTxD), routing
 
     def _scan_layers(self, run_layer, stacked_state, windows, tables, x_BxTxD):
         index_L = jnp.arange(len(windows), dtype=jnp.int32)
         kinds = list(dict.fromkeys(zip(windows, tables)))
         if len(kinds) == 1:
-            body = lambda x, xs: (run_layer(xs[0], *kinds[0], x, xs[1]), None)  # noqa: E731
-            x_BxTxD, _ = jax.lax.scan(self.runtime.remat(body), x_BxTxD, (stacked_state, index_L))
-            return x_BxTxD
+            body = lambda x, xs: run_layer(xs[0], *kinds[0], x, xs[1])  # noqa: E731
+            return jax.lax.scan(self.runtime.remat(body), x_BxTxD, (stacked_state, index_L))
         # Layers that differ (Gemma's sliding and global layers, Qwen's max_window_layers):
         # each kind of layer is a branch with its window and rotary table static, so every
         # attention kernel applies (splash builds one kernel per window), and the scanned
@@ -237,9 +253,8 @@ class DecoderForCausalLM(nnx.Module):
         branches = [
             lambda state, x, i, w=window, r=table: run_layer(state, w, r, x, i) for window, table in kinds
         ]
-        body = lambda x, xs: (jax.lax.switch(xs[1], branches, xs[0], x, xs[2]), None)  # noqa: E731
-        x_BxTxD, _ = jax.lax.scan(self.runtime.remat(body), x_BxTxD, (stacked_state, kind_L, index_L))
-        return x_BxTxD
+        body = lambda x, xs: jax.lax.switch(xs[1], branches, xs[0], x, xs[2])  # noqa: E731
+        return jax.lax.scan(self.runtime.remat(body), x_BxTxD, (stacked_state, kind_L, index_L))
 
     def logits(self, hidden_BxTxD):
         if self.config.tie_word_embeddings:

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from raysft.data.locations import is_object_storage, make_dir
 from raysft.workers.models.config import ModelConfig, text_model_config
+from raysft.workers.models.expert_tensors import checkpoint_tensors
 from raysft.workers.models.fused import fused_rows
 from raysft.workers.models.loading import INDEX_FILE, SINGLE_FILE
 from raysft.workers.models.lora import is_adapter, merged_kernel
@@ -143,8 +144,11 @@ def save_pretrained(
     at most one layer's extra copy and the host one file's worth of weights.
     """
     base = [name for name in params if not is_adapter(name) and not is_scale(name)]
-    fused = fused_rows(ModelConfig.from_hf_dict(hf_config))
-    write_tensors(params, out_dir, dtype, base, lora_scale=lora_scale, fused=fused)
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    write_tensors(
+        params, out_dir, dtype, base, lora_scale=lora_scale, fused=fused_rows(cfg),
+        checkpoint_layout=functools.partial(checkpoint_tensors, cfg),
+    )
     if jax.process_index() == 0:
         config = dict(text_model_config(hf_config), torch_dtype=dtype, dtype=dtype)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -159,10 +163,12 @@ def write_tensors(
     single_file: str = SINGLE_FILE,
     lora_scale: float | None = None,
     fused: dict | None = None,
+    checkpoint_layout: Callable[[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> None:
     """Parameters `names` of `params` as safetensors files in `out_dir` (one file, or
-    shards of 5 GB with an index), each tensor named and laid out by `tensors_of`, and
-    fused where `fused` says the checkpoint holds them so."""
+    shards of 5 GB with an index), each tensor named and laid out by `tensors_of`, fused
+    where `fused` says the checkpoint holds them so, and split or renamed as
+    `checkpoint_layout` says (a mixture of experts' experts: one tensor per expert)."""
     np_dtype = EXPORT_DTYPES[dtype]
     writer = jax.process_index() == 0
     files = _shard_plan({name: params[name] for name in names}, np.dtype(np_dtype).itemsize, tensors_of, fused)
@@ -180,7 +186,8 @@ def write_tensors(
                 host = _to_host(name, params, piece, dtype, writer, lora_scale)
                 hosts.append(host.T if writer and transposed else host)
             if writer:
-                tensors[key] = np.ascontiguousarray(hosts[0] if len(hosts) == 1 else np.concatenate(hosts))
+                tensor = np.ascontiguousarray(hosts[0] if len(hosts) == 1 else np.concatenate(hosts))
+                tensors.update(checkpoint_layout(key, tensor) if checkpoint_layout else {key: tensor})
         if writer:
             _save_safetensors(tensors, out_dir / file_name)
             weight_map.update(dict.fromkeys(tensors, file_name))

@@ -15,6 +15,23 @@ from typing import Any, Callable
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# A sparse layer's experts, as LoRA targets: each projection of every expert (a LoRA
+# `experts.gate_proj` gives each expert its own A and B). Not in "all-linear": PEFT's
+# "all-linear" takes Linear modules, and transformers holds experts as 3-D parameters.
+EXPERT_PROJECTIONS = tuple(f"experts.{name}" for name in MLP_PROJECTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTensors:
+    """Where a checkpoint keeps a sparse layer's router and experts: under `block` of each
+    layer, the router as `{block}.gate.weight` [E, D] and expert e's projections as
+    `{block}.experts.{e}.{name}.weight` (torch's [out, in]); `names` maps each of ours
+    (gate_proj, up_proj, down_proj) to the checkpoint's. A checkpoint may instead hold
+    transformers 5's fused tensors, `mlp.experts.gate_up_proj` [E, 2F, D] and
+    `mlp.experts.down_proj` [E, D, F]; loading reads either."""
+
+    block: str = "mlp"
+    names: tuple[tuple[str, str], ...] = tuple((name, name) for name in MLP_PROJECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +58,8 @@ class Family:
     # (the text-only architecture, the prefix of its tensors in the checkpoint, and where
     # transformers' model holds the text model's modules, PEFT's names, for `model.`).
     language_models: tuple[tuple[str, tuple[str, str, str]], ...] = ()
+    # Mixture-of-experts families: how the checkpoint names the router and experts.
+    experts: ExpertTensors | None = None
 
     def language_model(self, architecture: str, hf: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
         """The config of the language model a checkpoint holds, as its text-only
@@ -147,6 +166,41 @@ def _phi3_switches(architecture: str, hf: dict[str, Any], layers: int) -> dict[s
     return dict(sliding_windows=(window,) * layers if window else (), hidden_activation=hf.get("hidden_act", "silu"))
 
 
+def _moe_module():
+    from raysft.workers.models.moe import MoeForCausalLM
+
+    return MoeForCausalLM
+
+
+def _moe_switches(architecture: str, hf: dict[str, Any], layers: int) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3's attention (q/k norms), experts in the layers that neither
+    `mlp_only_layers` nor `decoder_sparse_step` keep dense, top-k optionally renormalised.
+    Mixtral: Mistral's attention, every layer sparse, the top-k always renormalised."""
+    window = hf.get("sliding_window")
+    if architecture == "Qwen3MoeForCausalLM":
+        window = window if hf.get("use_sliding_window", False) else None
+        dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step", 1)
+        bias = bool(hf.get("attention_bias", False))
+        switches = dict(
+            qkv_bias=bias, o_bias=bias, qk_norm=True, norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+        )
+    else:
+        switches = dict(
+            norm_topk_prob=True, moe_intermediate_size=hf["intermediate_size"], sparse_layers=(True,) * layers,
+        )
+    # transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`, Mixtral's name.
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise KeyError("num_experts")
+    return dict(
+        switches, sliding_windows=(window,) * layers if window else (), num_experts=experts,
+        num_experts_per_tok=hf["num_experts_per_tok"], router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        hidden_activation=hf.get("hidden_act", "silu"),
+    )
+
+
 FAMILIES = (
     Family(
         name="llama",
@@ -171,6 +225,22 @@ FAMILIES = (
         switches=_phi3_switches,
         module=_llama_module,
         fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp.gate_up_proj", ("gate_proj", "up_proj"))),
+    ),
+    Family(
+        name="qwen3_moe",
+        architectures=("Qwen3MoeForCausalLM",),
+        switches=_moe_switches,
+        module=_moe_module,
+        lora_targets=ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS,
+        experts=ExpertTensors(),
+    ),
+    Family(
+        name="mixtral",
+        architectures=("MixtralForCausalLM",),
+        switches=_moe_switches,
+        module=_moe_module,
+        lora_targets=ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS,
+        experts=ExpertTensors("block_sparse_moe", (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))),
     ),
 )
 _BY_ARCHITECTURE = {architecture: family for family in FAMILIES for architecture in family.architectures}

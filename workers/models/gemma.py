@@ -11,8 +11,8 @@ from raysft.workers.models.decoder import DecoderForCausalLM, norm
 
 
 class DecoderLayer(llama.DecoderLayer):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, lora=None):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs, lora=None, runtime=None, index=None):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora, runtime=runtime, index=index)
         # Hugging Face's names: `post_attention_layernorm` here normalises attention's
         # output, and the MLP has a norm on each side.
         self.pre_feedforward_layernorm = norm(cfg, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from raysft.workers.models.config import ModelConfig, ModelLoadError
+from raysft.workers.models.expert_tensors import expert_stack, is_experts_key, router_key
 from raysft.workers.models.fused import RowSlice, fused_rows
 from raysft.workers.models.params import ParamLayout, hf_tensors, is_stacked
 from raysft.workers.models.quantization import Quantization, is_codes, quantize_program, scale_name
@@ -43,26 +44,39 @@ class ParamReader:
         self.model_dir = model_dir
         self.files = tensor_files(model_dir)
         cfg = ModelConfig.from_file(model_dir / "config.json")
-        self.fused, self.prefix = fused_rows(cfg), cfg.checkpoint_prefix
+        self.cfg, self.fused, self.prefix = cfg, fused_rows(cfg), cfg.checkpoint_prefix
         self.handles = {}
         self.bytes_read = 0
 
+    def _open(self, key: str):
+        path = self.files[key]
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, framework="numpy")
+        return self.handles[path].get_slice(key)
+
     def _tensor(self, key: str, expected: tuple[int, ...]):
+        if is_experts_key(key):
+            try:
+                tensor = expert_stack(self.cfg, key, self.files.__contains__, self._open)
+            except KeyError as err:
+                raise ModelLoadError(f"{self.model_dir}: tensor {err.args[0]!r} missing from the checkpoint") from None
+            return self._checked(tensor, key, expected)
+        if router_key(self.cfg, key) in self.files:  # Mixtral's, as published (else transformers 5's name)
+            key = router_key(self.cfg, key)
         rows = None
         if self.prefix + key not in self.files and key in self.fused:  # a part of a fused projection
             key, *rows = self.fused[key]
         key = self.prefix + key  # a multimodal checkpoint's language model
         if key not in self.files:
             raise ModelLoadError(f"{self.model_dir}: tensor {key!r} missing from the checkpoint")
-        path = self.files[key]
-        if path not in self.handles:
-            self.handles[path] = safe_open(path, framework="numpy")
-        tensor = self.handles[path].get_slice(key)
-        if rows:
-            tensor = RowSlice(tensor, *rows)
+        tensor = self._open(key)
+        return self._checked(RowSlice(tensor, *rows) if rows else tensor, key, expected)
+
+    def _checked(self, tensor, key: str, expected: tuple[int, ...]):
         if tuple(tensor.get_shape()) != tuple(expected):
             raise ModelLoadError(
-                f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, config implies {tuple(expected)}"
+                f"{self.files.get(key, self.model_dir)}: tensor {key!r} has shape {tuple(tensor.get_shape())}, "
+                f"config implies {tuple(expected)}"
             )
         return tensor
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raysft.workers.models.config import ModelConfig
-from raysft.workers.models.families import FAMILIES
+from raysft.workers.models.families import EXPERT_PROJECTIONS, FAMILIES
 from raysft.workers.models.quantization import Quantization, QuantizedLinear
 
 # Every family's decoder-layer projections (QLoRA quantizes the bases of these).
@@ -75,15 +75,24 @@ def module_names(cfg: ModelConfig) -> list[str]:
     return names if cfg.tie_word_embeddings else [*names, "lm_head"]
 
 
+def _kind(name: str) -> str:
+    """The projection a full module name ends with: `q_proj`, or `experts.gate_proj`."""
+    parts = name.rsplit(".", 2)
+    return ".".join(parts[-2:]) if len(parts) == 3 and parts[-2] == "experts" else parts[-1]
+
+
 def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ...]:
     """The projections `lora_target_modules` names, with PEFT's rules over the checkpoint's
-    module names: "all-linear" (every projection but the output layer), a list of names (a
-    module whose name is one, or ends with "." and one), or one string as a regular
-    expression over the full module names. A fused module (Phi-3's `qkv_proj`) adapts
-    each projection it holds."""
+    module names: "all-linear" (every projection but the output layer; not a mixture's
+    experts, which are not Linear modules in transformers), a list of names (a module
+    whose name is one, or ends with "." and one; "experts" names all three projections of
+    every expert), or one string as a regular expression over the full module names. A
+    fused module (Phi-3's `qkv_proj`) adapts each projection it holds."""
     names, kinds = module_names(cfg), checkpoint_projections(cfg)
     if targets == "all-linear":
-        return cfg.family.lora_targets
+        return tuple(kind for kind in cfg.family.lora_targets if kind not in EXPERT_PROJECTIONS)
+    if isinstance(targets, list) and "experts" in targets:
+        targets = [t for t in targets if t != "experts"] + [p for p in EXPERT_PROJECTIONS if p in kinds]
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -92,7 +101,7 @@ def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ..
         matched = [n for n in names if pattern.fullmatch(n)]
     else:
         matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-    adapted = sorted({n.rsplit(".", 1)[-1] for n in matched}, key=[*kinds, "lm_head"].index)
+    adapted = sorted({_kind(n) for n in matched}, key=[*kinds, "lm_head"].index)
     if not matched:
         raise ValueError(
             f"lora_target_modules {targets!r} matches none of the model's projections; it can name "
@@ -112,8 +121,9 @@ def resolve_modules(targets: str | list[str], cfg: ModelConfig) -> tuple[str, ..
 def peft_target_modules(modules: tuple[str, ...], cfg: ModelConfig) -> list[str] | str:
     """`target_modules` for PEFT: the checkpoint's names of the adapted modules, or for a
     multimodal model a pattern over its language model's (a plain name would also adapt
-    the vision tower's modules of that name)."""
-    names = list(dict.fromkeys(cfg.family.checkpoint_projection(m) for m in modules))
+    the vision tower's modules of that name). Experts are PEFT's `target_parameters`
+    (`expert_adapters`)."""
+    names = list(dict.fromkeys(cfg.family.checkpoint_projection(m) for m in modules if m not in EXPERT_PROJECTIONS))
     if cfg.modules_root == "model.":
         return names
     layers = [n for n in names if n != "lm_head"]
@@ -131,6 +141,9 @@ def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
         "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
         "up_proj": (cfg.hidden_size, cfg.intermediate_size),
         "down_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "experts.gate_proj": (cfg.hidden_size, cfg.moe_intermediate_size),
+        "experts.up_proj": (cfg.hidden_size, cfg.moe_intermediate_size),
+        "experts.down_proj": (cfg.moe_intermediate_size, cfg.hidden_size),
         "lm_head": (cfg.hidden_size, cfg.vocab_size),
     }
 

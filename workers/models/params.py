@@ -74,6 +74,8 @@ def hf_name(name: str, layer: int | None = None) -> tuple[str, bool]:
     if layer is not None:
         name = name.replace("model.layers.", f"model.layers.{layer}.", 1)
     stem, leaf = name.rsplit(".", 1)
+    if leaf == "kernel" and stem.split(".")[-2:-1] == ["experts"]:  # [E, in, out]: `expert_tensors` lays it out
+        return stem, False
     if leaf == "kernel":  # ours [in, out], torch Linear [out, in]
         return f"{stem}.weight", True
     if leaf == "embedding":

@@ -1,6 +1,8 @@
 """Where each parameter lives on the mesh: the families' partition rules (`families`:
 which projections tensor parallelism splits by column and by row), applied by name.
-Embeddings and kernels split over fsdp (ZeRO-3) and tp; norms are small and replicated."""
+Embeddings and kernels split over fsdp (ZeRO-3) and tp; a mixture of experts' experts
+split over fsdp whole (expert parallelism: `experts`); norms and routers are small and
+replicated."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ def param_spec(name: str, shape: tuple[int, ...]) -> tuple:
     module, leaf = parts[-2] if len(parts) > 1 else "", parts[-1]
     if leaf == "embedding":  # [vocab, hidden]
         return ("tp", "fsdp")
+    if len(parts) > 2 and parts[-3] == "experts":
+        # [E, in, out]: whole experts over fsdp (expert parallelism, `experts`), the
+        # intermediate dimension over tp; LoRA's A [E, in, r] and B [E, r, out] with them.
+        kernel = ("fsdp", "tp", None) if module == "down_proj" else ("fsdp", None, "tp")
+        return {"lora_a": kernel[:2] + (None,), "lora_b": (kernel[0], None, kernel[2])}.get(leaf, kernel)
     if leaf == "kernel" and module in COLUMN_PROJECTIONS:  # [in, out]: split the outputs over tp
         return ("fsdp", "tp")
     if leaf == "kernel" and module in ROW_PROJECTIONS:  # [in, out]: split the inputs over tp

@@ -18,6 +18,9 @@ from safetensors.numpy import load as load_safetensors
 
 from raysft.data.locations import location
 from raysft.workers.models.config import ModelConfig, ModelLoadError
+from raysft.workers.models.expert_adapters import (
+    adapted_experts, peft_expert_adapters, peft_key, peft_patterns, split_expert_adapter,
+)
 from raysft.workers.models.export import write_tensors
 from raysft.workers.models.fused import fused_rows
 from raysft.workers.models.lora import LoraSettings, adapted_kernel, is_adapter, peft_target_modules, resolve_modules
@@ -30,8 +33,11 @@ PREFIX = "base_model.model."
 
 def peft_tensors(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[str, bool]]:
     """(PEFT name, transposed) per layer of adapter `name`: ours `A` [in, r] and `B` [r, out],
-    PEFT's `lora_A.weight` [r, in] and `lora_B.weight` [out, r] (torch Linear layouts)."""
+    PEFT's `lora_A.weight` [r, in] and `lora_B.weight` [out, r] (torch Linear layouts). An
+    expert projection's, as `split_expert_adapter` names what it reads."""
     leaf = "lora_A" if name.endswith(".lora_a") else "lora_B"
+    if ".experts." in name:
+        return [(f"{PREFIX}{key}.{name.rsplit('.', 1)[1]}", False) for key, _ in hf_tensors(adapted_kernel(name), shape)]
     return [
         (PREFIX + cfg.module_name(key).replace(".weight", f".{leaf}.weight"), True)
         for key, _ in hf_tensors(adapted_kernel(name), shape)
@@ -46,6 +52,9 @@ def _saved_tensors(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> list[
     """PEFT's names of an adapter's tensors, or of a base parameter saved whole."""
     if name == _TIED_HEAD:
         return [(PREFIX + "lm_head.weight", False)]
+    if is_adapter(name) and ".experts." in name:  # `peft_expert_adapters` made it in PEFT's layout
+        leaf = "lora_A" if name.endswith(".lora_a") else "lora_B"
+        return [(PREFIX + peft_key(key, leaf), False) for key, _ in hf_tensors(adapted_kernel(name), shape)]
     if is_adapter(name):
         return peft_tensors(name, shape, cfg)
     return [(PREFIX + cfg.module_name(key), transposed) for key, transposed in hf_tensors(name, shape)]
@@ -113,13 +122,16 @@ def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: ep
     except ValueError as err:  # a run from before check_run refused it
         raise ValueError(f"{err}; export the merged model instead") from None
     tied = cfg.tie_word_embeddings and cfg.module_name("model.embed_tokens") in saved
-    tensors = {**fused_adapters(adapters, cfg), **trained_base}
+    experts = peft_expert_adapters(adapters, lora.modules, lora.rank)
+    tensors = {**fused_adapters(experts, cfg), **trained_base}
     if tied:  # PEFT ties its copy of the head to the embedding's, and loads both from the file
         embedding = next(n for n in trained_base if hf_tensors(n, trained_base[n].shape)[0][0] == _EMBEDDING)
         tensors[_TIED_HEAD] = trained_base[embedding]
     write_tensors(tensors, out_dir, "float32", sorted(tensors), functools.partial(_saved_tensors, cfg), WEIGHTS_FILE)
     if jax.process_index() == 0:
         rank_pattern, alpha_pattern = _fused_patterns(lora, cfg)
+        expert_ranks, expert_alphas = peft_patterns(lora.modules, lora.rank, lora.alpha)
+        rank_pattern, alpha_pattern = {**rank_pattern, **expert_ranks}, {**alpha_pattern, **expert_alphas}
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -128,6 +140,7 @@ def save_adapter(adapters: dict[str, jax.Array], lora: LoraSettings, out_dir: ep
             "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout,
             "target_modules": peft_target_modules(lora.modules, cfg),
+            "target_parameters": list(adapted_experts(lora.modules)) or None,
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
             "bias": "none",
@@ -153,7 +166,8 @@ def read_adapter(
     adapter made for another rank, scale, set of projections or model shape is refused,
     naming the first difference."""
     weights_file = check_adapter(path, lora, cfg)
-    tensors = _split_fused(load_safetensors(weights_file.read_bytes()), cfg, lora.rank)
+    tensors = load_safetensors(weights_file.read_bytes())
+    tensors = _split_fused(split_expert_adapter(tensors, cfg, lora.rank), cfg, lora.rank)
     out = {}
     for name, abstract in shapes.items():
         per_layer = []
@@ -217,6 +231,8 @@ def _config_mismatch(config: dict, lora: LoraSettings, cfg: ModelConfig) -> str 
             return f"{key} is set; raysft adapters are plain LoRA"
     # A fused module's adapter: raysft's (rank and alpha n times the run's), or PEFT's own.
     ranks, alphas = _fused_patterns(lora, cfg)
+    expert_ranks, expert_alphas = peft_patterns(lora.modules, lora.rank, lora.alpha)
+    ranks, alphas = {**ranks, **expert_ranks}, {**alphas, **expert_alphas}
     for module, rank in ranks.items():
         found = ((config.get("rank_pattern") or {}).get(module, lora.rank),
                  (config.get("alpha_pattern") or {}).get(module, lora.alpha))
@@ -229,9 +245,12 @@ def _config_mismatch(config: dict, lora: LoraSettings, cfg: ModelConfig) -> str 
         return f"lora_alpha {config.get('lora_alpha')}, this run's lora_alpha is {lora.alpha}"
     targets = config.get("target_modules") or []
     try:
-        modules = resolve_modules(targets, cfg)
+        modules = resolve_modules(targets, cfg) if targets else ()
     except ValueError as err:
         return str(err)
+    parameters = config.get("target_parameters") or []
+    modules += tuple(f"experts.{part}" for target in parameters for part in (
+        ("gate_proj", "up_proj") if target.endswith("gate_up_proj") else ("down_proj",)))
     if set(modules) != set(lora.modules):
         return f"target modules {sorted(modules)}, this run's lora_target_modules adapt {sorted(lora.modules)}"
     return None

@@ -31,6 +31,9 @@ class ModelRuntime:
     scan_layers: bool = False
     # The training mesh, for kernels that must be told how their inputs are split.
     mesh: jax.sharding.Mesh | None = None
+    # Mixture of experts: None routes every token to its experts (dropless); a factor caps
+    # each expert at that many times its balanced share of a device's assignments.
+    moe_capacity_factor: float | None = None
 
     def __post_init__(self):
         # Only validate here: resolving `auto` asks for the backend, which must wait for

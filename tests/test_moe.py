@@ -136,11 +136,13 @@ def _z(params, model, batch):
     return router_terms(routing)["router_z_loss"]
 
 
-@pytest.mark.parametrize("dims", [(1, 4, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2)], ids=["ep4", "dp2-ep2", "ep2-sp2"])
+@pytest.mark.parametrize("dims", [(1, 4, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)],
+                         ids=["ep4", "dp2-ep2", "ep2-sp2", "dp2-tp2-no-ep"])
 def test_expert_parallel_meshes_equal_one_device(qwen3_moe, dims):
     """Experts split over fsdp (and sp), tokens sent to their experts' devices and back
-    (an all-to-all each way): the loss, routing terms and gradients of one device. (With
-    tp splitting each expert: the LoRA test below.)"""
+    (an all-to-all each way), or every expert on every device with tp splitting them:
+    the loss, routing terms and gradients of one device. (Experts split over fsdp and tp
+    together: the LoRA test below.)"""
     model = qwen3_moe
     batch = padded_batch(rows=4, t=16, seed=2)
     gradient = make_gradient_fn(model.layout, router=(0.01, 0.001))

@@ -18,6 +18,8 @@ rest of the model stay ZeRO-3 over the same axes, so no mesh axis is added.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,76 +245,90 @@ def expert_parallel(mesh, x_BxTxD, experts_BxTxK, weights_BxTxK, real_BxT, proje
             f"the {num_experts} experts do not split over {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}; "
             "choose fsdp (times sp) that divides the number of experts, and dp or tp for the rest"
         )
-    local_experts = num_experts // ways
     platform = mesh.devices.flat[0].platform
-    ragged = platform != "cpu"
+    mlp = functools.partial(expert_mlp, activation=activation, platform=platform, lora_scale=lora_scale)
 
     def local(x_bxtxD, experts_bxtxK, weights_bxtxK, real_bxt, local_projections):
         b, t, d = x_bxtxD.shape
         k = experts_bxtxK.shape[-1]
-        kept = jnp.zeros((b, t, k), bool)
+        x_NxD = x_bxtxD.reshape(b * t, d)
+        experts_NxK, weights_NxK = experts_bxtxK.reshape(-1, k), weights_bxtxK.reshape(-1, k)
+        dropped_NxK = jnp.zeros((b * t, k), bool)
         if capacity_factor is not None:
-            def exchange(buffer_ExCxD, compute):
-                if ways == 1:
-                    return compute(buffer_ExCxD)
-                # [E, C, D] -> each peer its experts' slots: [E / ways, ways x C, D] here.
-                c = buffer_ExCxD.shape[1]
-                mine = jax.lax.all_to_all(buffer_ExCxD.reshape(ways, local_experts, c, d), axes, 0, 0, tiled=False)
-                y = compute(mine.transpose(1, 0, 2, 3).reshape(local_experts, ways * c, d))
-                y = y.reshape(local_experts, ways, c, d).transpose(1, 0, 2, 3)
-                return jax.lax.all_to_all(y, axes, 0, 0, tiled=False).reshape(num_experts, c, d)
-
-            out, dropped = with_capacity(
-                x_bxtxD.reshape(b * t, d), experts_bxtxK.reshape(-1, k), weights_bxtxK.reshape(-1, k),
-                real_bxt.reshape(-1), local_projections, activation, num_experts, capacity_factor, lora_scale, exchange,
+            out_NxD, dropped_NxK = with_capacity(
+                x_NxD, experts_NxK, weights_NxK, real_bxt.reshape(-1), local_projections, activation, num_experts,
+                capacity_factor, lora_scale, _capacity_exchange(axes, ways, num_experts),
             )
-            return jax.lax.psum(out, "tp").reshape(b, t, d), dropped.reshape(b, t, k)
-        if ways == 1:  # every expert here; only tp splits them
-            out = dropless(
-                x_bxtxD.reshape(b * t, d), experts_bxtxK.reshape(-1, k), weights_bxtxK.reshape(-1, k),
-                local_projections, activation, platform, num_experts, lora_scale,
-            )
-            return jax.lax.psum(out, "tp").reshape(b, t, d)
-        rows = b * t * k
-        flat_A = experts_bxtxK.reshape(-1)
-        order_A = jnp.argsort(flat_A, stable=True)
-        sizes_E = jnp.diff(sorted_bounds(jnp.take(flat_A, order_A), num_experts))
-        x_AxD = jnp.take(x_bxtxD.reshape(b * t, d), order_A // k, axis=0)
-        # Sorted by expert, the rows for each peer are contiguous.
-        sizes_WxL = sizes_E.reshape(ways, local_experts)
-        send_sizes_W = jnp.sum(sizes_WxL, axis=1)
-        send_starts_W = jnp.cumsum(send_sizes_W) - send_sizes_W
-        received = _exchange(x_AxD, rows, send_starts_W, send_sizes_W, axes, ways, ragged)
-        # From each peer: its rows for each of this device's experts, sorted by expert.
-        recv_sizes_WxL = jax.lax.all_to_all(sizes_WxL, axes, 0, 0, tiled=True)
-        slot_R = jnp.arange(ways * rows)
-        peer_R, offset_R = slot_R // rows, slot_R % rows
-        ends_WxL = jnp.cumsum(recv_sizes_WxL, axis=1)
-        expert_R = jax.vmap(lambda ends, o: jnp.searchsorted(ends, o, side="right"))(ends_WxL[peer_R], offset_R)
-        order_R = jnp.argsort(expert_R, stable=True)  # by local expert; padding (= local_experts) last
-        y_R = expert_mlp(
-            jnp.take(received, order_R, axis=0), jnp.sum(recv_sizes_WxL, axis=0), local_projections, activation,
-            platform, lora_scale,
-        )
-        y_R = jnp.take(y_R, _inverse(order_R), axis=0)
-        recv_starts_W = jnp.arange(ways) * rows
-        back = _exchange(y_R, rows, recv_starts_W, jnp.sum(recv_sizes_WxL, axis=1), axes, ways, ragged)
-        # Sorted row i went to peer p = its expert's owner, at offset i - send_starts[p].
-        peer_A = jnp.sort(flat_A) // local_experts
-        slot_A = peer_A * rows + jnp.arange(rows) - send_starts_W[peer_A]
-        y_AxD = jnp.take(back, slot_A, axis=0)
-        y_NxKxD = jnp.take(y_AxD, _inverse(order_A), axis=0).reshape(b * t, k, d)
-        out = jnp.einsum("nkd,nk->nd", y_NxKxD, weights_bxtxK.reshape(b * t, k).astype(y_NxKxD.dtype))
+        elif ways == 1:  # every expert here; only tp splits them
+            out_NxD = dropless(x_NxD, experts_NxK, weights_NxK, local_projections, activation, platform, num_experts,
+                               lora_scale)
+        else:
+            y_NxKxD = _dispatched(x_NxD, experts_NxK, lambda rows, sizes: mlp(rows, sizes, local_projections), axes,
+                                  ways, num_experts, ragged=platform != "cpu")
+            out_NxD = jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
         # Each tp device summed over its part of the intermediate dimension (a no-op at tp=1,
         # where it tells shard_map the result is the same on the axis).
-        return jax.lax.psum(out, "tp").reshape(b, t, d), kept
+        return jax.lax.psum(out_NxD, "tp").reshape(b, t, d), dropped_NxK.reshape(b, t, k)
 
     tokens = P(BATCH_AXES, "sp", None)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(tokens, tokens, tokens, P(BATCH_AXES, "sp"), _expert_specs(axes, projections)),
+        out_specs=(tokens, tokens),
+    )(x_BxTxD, experts_BxTxK, weights_BxTxK, real_BxT, projections)
+
+
+def _expert_specs(axes: tuple[str, ...], projections) -> tuple[dict, ...]:
+    """How gate, up and down (and their adapters) enter the shard_map: experts over `axes`;
+    gate and up split their outputs over tp (LoRA's B with them), down its inputs (and A)."""
     split = None if not axes else axes if len(axes) > 1 else axes[0]
-    # gate and up split their outputs over tp (LoRA's B with them), down its inputs (and A).
     column = {"kernel": P(split, None, "tp"), "lora_a": P(split, None, None), "lora_b": P(split, None, "tp")}
     row = {"kernel": P(split, "tp", None), "lora_a": P(split, "tp", None), "lora_b": P(split, None, None)}
-    specs = tuple({key: spec[key] for key in weights} for spec, weights in zip((column, column, row), projections))
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(tokens, tokens, tokens, P(BATCH_AXES, "sp"), specs), out_specs=(tokens, tokens),
-    )(x_BxTxD, experts_BxTxK, weights_BxTxK, real_BxT, projections)
+    return tuple({key: spec[key] for key in weights} for spec, weights in zip((column, column, row), projections))
+
+
+def _capacity_exchange(axes: tuple[str, ...], ways: int, num_experts: int):
+    """`with_capacity`'s exchange: the [E, C, D] buffer's slots of each peer's experts go to
+    that peer ([E / ways, ways x C, D] there), are computed, and come back."""
+    local_experts = num_experts // ways
+
+    def exchange(buffer_ExCxD, compute):
+        if ways == 1:
+            return compute(buffer_ExCxD)
+        _, c, d = buffer_ExCxD.shape
+        mine = jax.lax.all_to_all(buffer_ExCxD.reshape(ways, local_experts, c, d), axes, 0, 0, tiled=False)
+        y = compute(mine.transpose(1, 0, 2, 3).reshape(local_experts, ways * c, d))
+        y = y.reshape(local_experts, ways, c, d).transpose(1, 0, 2, 3)
+        return jax.lax.all_to_all(y, axes, 0, 0, tiled=False).reshape(num_experts, c, d)
+
+    return exchange
+
+
+def _dispatched(x_NxD, experts_NxK, compute, axes: tuple[str, ...], ways: int, num_experts: int, ragged: bool):
+    """Dropless expert parallelism on one device: each assignment's row [N, k, D] computed
+    by its expert's device. The rows sorted by expert go to their experts' owners; each
+    device sorts what it received by its own experts, `compute(rows, group_sizes)` runs
+    them, and the results go back and are unsorted."""
+    n, k = experts_NxK.shape
+    rows, d, local_experts = n * k, x_NxD.shape[-1], num_experts // ways
+    flat_A = experts_NxK.reshape(-1)
+    order_A = jnp.argsort(flat_A, stable=True)
+    sizes_E = jnp.diff(sorted_bounds(jnp.take(flat_A, order_A), num_experts))
+    # Sorted by expert, the rows for each peer are contiguous.
+    sizes_WxL = sizes_E.reshape(ways, local_experts)
+    send_sizes_W = jnp.sum(sizes_WxL, axis=1)
+    send_starts_W = jnp.cumsum(send_sizes_W) - send_sizes_W
+    received = _exchange(jnp.take(x_NxD, order_A // k, axis=0), rows, send_starts_W, send_sizes_W, axes, ways, ragged)
+    # From each peer: its rows for each of this device's experts, sorted by expert.
+    recv_sizes_WxL = jax.lax.all_to_all(sizes_WxL, axes, 0, 0, tiled=True)
+    slot_R = jnp.arange(ways * rows)
+    peer_R, offset_R = slot_R // rows, slot_R % rows
+    ends_WxL = jnp.cumsum(recv_sizes_WxL, axis=1)
+    expert_R = jax.vmap(lambda ends, o: jnp.searchsorted(ends, o, side="right"))(ends_WxL[peer_R], offset_R)
+    order_R = jnp.argsort(expert_R, stable=True)  # by local expert; padding (= local_experts) last
+    y_R = compute(jnp.take(received, order_R, axis=0), jnp.sum(recv_sizes_WxL, axis=0))
+    y_R = jnp.take(y_R, _inverse(order_R), axis=0)
+    back = _exchange(y_R, rows, jnp.arange(ways) * rows, jnp.sum(recv_sizes_WxL, axis=1), axes, ways, ragged)
+    # Sorted row i went to peer p = its expert's owner, at offset i - send_starts[p].
+    peer_A = jnp.sort(flat_A) // local_experts
+    y_AxD = jnp.take(back, peer_A * rows + jnp.arange(rows) - send_starts_W[peer_A], axis=0)
+    return jnp.take(y_AxD, _inverse(order_A), axis=0).reshape(n, k, d)

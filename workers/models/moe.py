@@ -58,7 +58,8 @@ class ExpertProjection(nnx.Module):
             kernel = self.kernel[...].astype(self.dtype)
         if not self.adapted:
             return {"kernel": kernel}
-        return {"kernel": kernel, "lora_a": self.lora_a[...].astype(self.dtype), "lora_b": self.lora_b[...].astype(self.dtype)}
+        adapters = {leaf: getattr(self, leaf)[...].astype(self.dtype) for leaf in ("lora_a", "lora_b")}
+        return {"kernel": kernel, **adapters}
 
 
 class Experts(nnx.Module):

@@ -149,10 +149,15 @@ def lora() -> dict:
     return out
 
 
+GATHERED = {"moe_expert_parallel": False}  # experts' weights gathered per layer, tokens kept
 EXPERTS_LORA = {"use_lora": True, "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]}
 MOE_CELLS = (  # (model, slice, run, settings over RUN): the settings that fit, or what was asked
-    ("Qwen3-30B-A3B", "v5p-16", "full", {"gradient_checkpointing": "nothing_saveable"}),
-    ("Qwen3-30B-A3B", "v5p-16", "LoRA", {**EXPERTS_LORA, "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
+    ("Qwen3-30B-A3B", "v5p-16", "full", {**GATHERED, "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
+    ("Qwen3-30B-A3B", "v5p-16", "full, expert parallel", {"gradient_checkpointing": "nothing_saveable"}),
+    ("Qwen3-30B-A3B", "v5p-16", "LoRA",
+     {**EXPERTS_LORA, **GATHERED, "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
+    ("Qwen3-30B-A3B", "v5p-16", "LoRA, expert parallel",
+     {**EXPERTS_LORA, "gradient_checkpointing": "dots_with_no_batch_dims_saveable"}),
     ("Qwen3-30B-A3B", "v5litepod-16", "full", {}),
     ("Qwen3-30B-A3B", "v5litepod-16", "LoRA", EXPERTS_LORA),
     ("Qwen3-30B-A3B", "v5litepod-16", "LoRA, capacity 1.25, bf16 base",

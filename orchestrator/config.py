@@ -156,6 +156,13 @@ class SFTConfig(BaseModel):
         "factor caps each expert at that many times its balanced share of a device's tokens and drops the overflow "
         "(fixed-shape buffers; the step reports expert_dropped_fraction).",
     )
+    moe_expert_parallel: bool = Field(
+        True, description="Mixture-of-experts models: True splits whole experts over fsdp (and sp) and sends each "
+        "token to its experts' devices and back (an all-to-all each way, on the critical path); False splits the "
+        "experts' weights like dense ones and all-gathers them layer by layer (ZeRO-3, prefetched), so tokens stay "
+        "where they are. False wins where a device's tokens x k x hidden_size outweigh its share of a layer's "
+        "experts, e.g. Qwen3-30B-A3B at 4 rows of 4096 per chip.",
+    )
 
     # LoRA and freezing
     use_lora: bool = Field(False, description="Train LoRA adapters on a frozen base (exported merged, and as a PEFT adapter).")

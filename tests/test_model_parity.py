@@ -108,6 +108,20 @@ def test_longrope_switches_to_its_long_factors_past_the_pre_training_length(tmp_
     np.testing.assert_allclose(ours, _reference_logits(model_dir, input_ids), atol=1e-4, rtol=0)
 
 
+def test_rotate_half_in_bf16_is_exactly_the_swap_of_halves():
+    """bf16 runs rotate by a product with a signed permutation (an MXU pass on TPU), fp32
+    runs swap the halves: the same numbers, bit for bit, over bf16's whole range."""
+    import jax
+    import jax.numpy as jnp
+
+    from raysft.workers.models.decoder import rotate_half
+
+    x = (jax.random.normal(jax.random.key(0), (2, 3, 4, 64)) * jnp.logspace(-30, 30, 64)).astype(jnp.bfloat16)
+    swapped = jnp.concatenate([-x[..., 32:], x[..., :32]], axis=-1)
+    np.testing.assert_array_equal(np.asarray(rotate_half(x), np.float32), np.asarray(swapped, np.float32))
+    np.testing.assert_array_equal(np.asarray(rotate_half(x.astype(jnp.float32))), np.asarray(swapped, np.float32))
+
+
 @pytest.mark.parametrize(
     "variant",
     ["llama-untied-gqa2", "mistral-window", "qwen3-bias-window", "gemma2-capped-tied", "gemma3-5to1-local-rope", "phi3-window",

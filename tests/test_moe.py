@@ -136,20 +136,22 @@ def _z(params, model, batch):
     return router_terms(routing)["router_z_loss"]
 
 
-@pytest.mark.parametrize("dims", [(1, 4, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 1, 2, 1)],
-                         ids=["ep4", "dp2-ep2", "ep2-sp2", "dp2-tp2-no-ep"])
-def test_expert_parallel_meshes_equal_one_device(qwen3_moe, dims):
+@pytest.mark.parametrize(("dims", "split"), [((1, 4, 1, 1), True), ((2, 2, 1, 1), True), ((1, 2, 1, 2), True),
+                                             ((2, 1, 2, 1), True), ((1, 2, 2, 1), False)],
+                         ids=["ep4", "dp2-ep2", "ep2-sp2", "dp2-tp2-no-ep", "fsdp2-tp2-gathered"])
+def test_expert_parallel_meshes_equal_one_device(qwen3_moe, dims, split):
     """Experts split over fsdp (and sp), tokens sent to their experts' devices and back
-    (an all-to-all each way), or every expert on every device with tp splitting them:
-    the loss, routing terms and gradients of one device. (Experts split over fsdp and tp
-    together: the LoRA test below.)"""
+    (an all-to-all each way), or every expert on every device with tp splitting them, or
+    (`moe_expert_parallel` false) stored split over fsdp and gathered for each device's own
+    tokens: the loss, routing terms and gradients of one device. (Experts split over fsdp
+    and tp together: the LoRA test below.)"""
     model = qwen3_moe
     batch = padded_batch(rows=4, t=16, seed=2)
     gradient = make_gradient_fn(model.layout, router=(0.01, 0.001))
     single, single_sums = jax.jit(gradient)(model.params, batch)
 
     mesh = global_mesh(*dims)
-    layout = build_layout(model.config, jnp.float32, jnp.float32, ModelRuntime(mesh=mesh))
+    layout = build_layout(model.config, jnp.float32, jnp.float32, ModelRuntime(mesh=mesh, moe_expert_parallel=split))
     params = {n: jax.device_put(x, param_sharding(mesh, n, x.shape)) for n, x in model.params.items()}
     experts = next(n for n in params if n.endswith("experts.down_proj.kernel"))
     assert params[experts].sharding.shard_shape(params[experts].shape)[0] == 4 // (dims[1] * dims[3])

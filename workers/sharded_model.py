@@ -53,7 +53,8 @@ class ShardedModel:
             hf_config = {**text_model_config(hf_config), **hf_overrides}
         config = ModelConfig.from_hf_dict(hf_config, source=str(model_dir / "config.json"))
         runtime = ModelRuntime(
-            spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh, spec.moe_capacity_factor
+            spec.attn_mechanism, spec.gradient_checkpointing, spec.scan_layers, mesh, spec.moe_capacity_factor,
+            spec.moe_expert_parallel,
         )
         lora = lora_settings(spec, config)
         layout = build_layout(config, jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype), runtime, lora)

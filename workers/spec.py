@@ -49,6 +49,7 @@ class TrainSpec:
     router_aux_loss_coef: float | None
     router_z_loss_coef: float
     moe_capacity_factor: float | None
+    moe_expert_parallel: bool
     total_batch_size: int
     gradient_accumulation_steps: int
     num_train_epochs: int

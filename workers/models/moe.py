@@ -99,7 +99,7 @@ class SparseMoeBlock(nnx.Module):
         if mesh is not None and mesh.size > 1:
             out_BxTxD, dropped = expert_parallel(
                 mesh, x_BxTxD, experts_NxK.reshape(b, t, -1), weights_NxK.reshape(b, t, -1), real_N.reshape(b, t),
-                projections, self.activation, self.num_experts, scale, capacity,
+                projections, self.activation, self.num_experts, scale, capacity, self.runtime.moe_expert_parallel,
             )
         elif capacity is not None:
             out_NxD, dropped = with_capacity(

@@ -34,6 +34,9 @@ class ModelRuntime:
     # Mixture of experts: None routes every token to its experts (dropless); a factor caps
     # each expert at that many times its balanced share of a device's assignments.
     moe_capacity_factor: float | None = None
+    # Mixture of experts: whole experts over fsdp, tokens sent to them (expert parallelism),
+    # or the experts' weights gathered like dense ones, tokens kept (`experts`).
+    moe_expert_parallel: bool = True
 
     def __post_init__(self):
         # Only validate here: resolving `auto` asks for the backend, which must wait for

@@ -18,9 +18,7 @@ rest of the model stay ZeRO-3 over the same axes, so no mesh axis is added. Or
 device computes its own tokens with every expert: weights move instead of tokens, off the
 critical path.
 
-Rows move by gathers whose gradients are gathers too (`gather_rows`): the assignments'
-order is a permutation whose inverse is known, and JAX's own transpose of a gather, a
-scatter-add, serializes on TPU.
+Rows are sorted and unsorted by `row_gathers`, gathers whose gradients are gathers too.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from raysft.workers.mesh import BATCH_AXES, PARAM_SHARD_AXES, ShardingError
 from raysft.workers.models.decoder import ACTIVATIONS
+from raysft.workers.models.row_gathers import gather_rows, inverse_permutation, weighted_rows
 
 
 def top_k_routing(logits_NxE, k: int, renormalise: bool):
@@ -141,96 +140,6 @@ def expert_mlp(x_MxD, sizes_E, projections, activation: str, platform: str, lora
     return expert_projection(ACTIVATIONS[activation](gate_MxF) * up_MxF, sizes_E, down, lora_scale, platform)
 
 
-def _inverse(order):
-    """The inverse permutation, by a sort: a scatter of indices serializes on TPU."""
-    return jnp.argsort(order).astype(order.dtype)
-
-
-def _take_rows(x_MxD, rows_R):
-    """x's rows `rows_R` (an index past the end: the last row). TPU memory holds [M, D] in
-    tiles of 8 or 16 rows by 128 lanes, so gathering one row reads every tile it crosses
-    and its neighbours' rows with them; [M, D / 128, 128] holds each row in tiles of its
-    own (libtpu's cost model: 0.46 ms against 2.06 ms for 131,072 rows of 2,048 bf16)."""
-    m, d = x_MxD.shape
-    if d % 128:
-        return jnp.take(x_MxD, rows_R, axis=0, mode="clip")
-    return jnp.take(x_MxD.reshape(m, d // 128, 128), rows_R, axis=0, mode="clip").reshape(rows_R.shape[0], d)
-
-
-def _typed_as(cotangent, primal):
-    """A custom gradient with its primal's mesh-axis type inside `shard_map`: summed over
-    the manual axes only the gradient varies on (JAX's transpose of a broadcast over them),
-    marked varying on those only the primal varies on."""
-    def axes(x):
-        manual = getattr(jax.typeof(x), "manual_axis_type", None)
-        return manual.varying if manual is not None else frozenset()
-
-    summed = tuple(sorted(axes(cotangent) - axes(primal)))
-    cotangent = jax.lax.psum(cotangent, summed) if summed else cotangent
-    return jax.lax.pcast(cotangent, tuple(sorted(axes(primal) - axes(cotangent))), to="varying")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_rows(x_MxD, rows_R, sources_MxG, every_source: bool):
-    """x's rows `rows_R`, with a gradient that is a gather too: `sources_MxG` lists, for
-    each row of x, the rows of the result copied from it (R or more: none; `every_source`:
-    there are none of those). JAX's own gradient of a gather is a scatter-add, which
-    serializes on TPU. A row index past x's end gives one of x's rows: the caller weighs
-    such a row by zero or never reads it, and it lists no source for it."""
-    return _take_rows(x_MxD, rows_R)
-
-
-def _gather_rows_forward(x_MxD, rows_R, sources_MxG, every_source):
-    return gather_rows(x_MxD, rows_R, sources_MxG, every_source), (rows_R, sources_MxG)
-
-
-def _gather_rows_backward(every_source, residuals, dy_RxD):
-    rows_R, sources_MxG = residuals
-    m, g = sources_MxG.shape
-    dy_MxGxD = _take_rows(dy_RxD, sources_MxG.reshape(-1)).reshape(m, g, -1)
-    if not every_source:
-        dy_MxGxD = jnp.where((sources_MxG < dy_RxD.shape[0])[..., None], dy_MxGxD, 0)
-    return jnp.sum(dy_MxGxD, axis=1), None, None
-
-
-gather_rows.defvjp(_gather_rows_forward, _gather_rows_backward)
-
-
-@jax.custom_vjp
-def weighted_rows(y_RxD, weights_NxK, rows_NxK, sources_R):
-    """Each token's weighted sum of its experts' results: out[n] = sum_j weights[n, j] x
-    y[rows[n, j]] (a row index R or more: that weight is zero). `sources_R`: the assignment
-    (n k + j) each row of y answers (N k or more: none). The gradient never puts y back in
-    token order: the output's gradient is gathered into y's order instead, and the
-    weights' gradient taken there."""
-    n, k = weights_NxK.shape
-    y_NxKxD = _take_rows(y_RxD, rows_NxK.reshape(-1)).reshape(n, k, -1)
-    weights_NxK = jnp.where(rows_NxK < y_RxD.shape[0], weights_NxK, 0)
-    return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_RxD.dtype))
-
-
-def _weighted_rows_forward(y_RxD, weights_NxK, rows_NxK, sources_R):
-    return weighted_rows(y_RxD, weights_NxK, rows_NxK, sources_R), (y_RxD, weights_NxK, rows_NxK, sources_R)
-
-
-def _weighted_rows_backward(residuals, dout_NxD):
-    y_RxD, weights_NxK, rows_NxK, sources_R = residuals
-    n, k = weights_NxK.shape
-    answers_R = sources_R < n * k
-    source_R = jnp.minimum(sources_R, n * k - 1)
-    dout_RxD = _take_rows(dout_NxD, source_R // k)
-    weight_R = jnp.where(answers_R, jnp.take(weights_NxK.reshape(-1), source_R), 0)
-    dy_RxD = dout_RxD * weight_R[:, None].astype(dout_RxD.dtype)
-    dweight_R = jnp.einsum("rd,rd->r", dout_RxD, y_RxD)
-    rows_A = rows_NxK.reshape(-1)
-    dweight_A = jnp.where(rows_A < y_RxD.shape[0], jnp.take(dweight_R, rows_A, mode="clip"), 0)
-    dweight_NxK = dweight_A.reshape(n, k).astype(weights_NxK.dtype)
-    return _typed_as(dy_RxD, y_RxD), _typed_as(dweight_NxK, weights_NxK), None, None
-
-
-weighted_rows.defvjp(_weighted_rows_forward, _weighted_rows_backward)
-
-
 def dropless(x_NxD, experts_NxK, weights_NxK, projections, activation: str, platform: str, num_experts: int,
              lora_scale: float = 1.0):
     """sum_k weight_k * expert_k(x) for every token, one device holding every expert."""
@@ -238,7 +147,7 @@ def dropless(x_NxD, experts_NxK, weights_NxK, projections, activation: str, plat
     flat_A = experts_NxK.reshape(-1)
     order_A = jnp.argsort(flat_A, stable=True)
     sizes_E = jnp.diff(sorted_bounds(jnp.take(flat_A, order_A), num_experts))
-    place_A = _inverse(order_A)
+    place_A = inverse_permutation(order_A)
     rows_AxD = gather_rows(x_NxD, order_A // k, place_A.reshape(n, k), True)
     y_AxD = expert_mlp(rows_AxD, sizes_E, projections, activation, platform, lora_scale)
     return weighted_rows(y_AxD, weights_NxK, place_A.reshape(n, k), order_A)
@@ -271,7 +180,7 @@ def capacity_slots(experts_NxK, real_N, num_experts: int, capacity: int):
     order_A = jnp.argsort(flat_A * 2 + padding_A, stable=True)
     bounds = sorted_bounds(jnp.take(flat_A, order_A), num_experts)
     starts_E = bounds[:-1]
-    position_A = jnp.take(jnp.arange(rows) - starts_E[jnp.take(flat_A, order_A)], _inverse(order_A))
+    position_A = jnp.take(jnp.arange(rows) - starts_E[jnp.take(flat_A, order_A)], inverse_permutation(order_A))
     slot_A = jnp.where(position_A < capacity, flat_A * capacity + position_A, num_experts * capacity)
     # Slot c of expert e holds the e-th group's c-th sorted assignment, if it has one.
     offset_ExC = starts_E[:, None] + jnp.arange(capacity)
@@ -414,7 +323,7 @@ def _dispatched(x_NxD, experts_NxK, weights_NxK, compute, axes: tuple[str, ...],
     sizes_WxL = sizes_E.reshape(ways, local_experts)
     send_sizes_W = jnp.sum(sizes_WxL, axis=1)
     send_starts_W = jnp.cumsum(send_sizes_W) - send_sizes_W
-    place_A = _inverse(order_A)
+    place_A = inverse_permutation(order_A)
     sent_AxD = gather_rows(x_NxD, order_A // k, place_A.reshape(n, k), True)
     received = _exchange(sent_AxD, rows, send_starts_W, send_sizes_W, axes, ways, ragged)
     # From each peer: its rows for each of this device's experts, sorted by expert.
@@ -424,7 +333,7 @@ def _dispatched(x_NxD, experts_NxK, weights_NxK, compute, axes: tuple[str, ...],
     ends_WxL = jnp.cumsum(recv_sizes_WxL, axis=1)
     expert_R = jax.vmap(lambda ends, o: jnp.searchsorted(ends, o, side="right"))(ends_WxL[peer_R], offset_R)
     order_R = jnp.argsort(expert_R, stable=True)  # by local expert; padding (= local_experts) last
-    place_R = _inverse(order_R)
+    place_R = inverse_permutation(order_R)
     y_R = compute(gather_rows(received, order_R, place_R[:, None], True), jnp.sum(recv_sizes_WxL, axis=0))
     y_R = gather_rows(y_R, place_R, order_R[:, None], True)
     back = _exchange(y_R, rows, jnp.arange(ways) * rows, jnp.sum(recv_sizes_WxL, axis=1), axes, ways, ragged)

@@ -23,7 +23,7 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker, use_cpu_xla_flags
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker, use_cpu_xla_flags
 
 from train_throughput import W1, Settings as BareSettings, packed_batches
 

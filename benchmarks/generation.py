@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 QUESTIONS = [
     "How many days are in 56 weeks? Explain the multiplication step by step.",
@@ -59,8 +59,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import raysft as rs
-    from raysft.workers.sampler import Sampler, SamplingParams
-    from raysft.workers.text_generation import TextGenerator
+    from raysft.workers.generation.sampler import Sampler, SamplingParams
+    from raysft.workers.generation.text_generation import TextGenerator
 
     s = Settings()
     torch.set_num_threads(os.cpu_count() or 1)

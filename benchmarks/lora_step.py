@@ -15,7 +15,7 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1, packed_batches
 
@@ -40,7 +40,7 @@ def build(lora: bool):
     from raysft.workers.models.llama import LlamaForCausalLM
     from raysft.workers.models.lora import LAYER_MODULES, LoraSettings, is_adapter
     from raysft.workers.models.params import ParamLayout
-    from raysft.workers.step import make_train_step
+    from raysft.workers.training.step import make_train_step
 
     cfg = ModelConfig.from_hf_dict({**W1, "architectures": ["LlamaForCausalLM"]})
     settings = LoraSettings(16, 32.0, 0.0, LAYER_MODULES) if lora else None

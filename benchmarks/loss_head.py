@@ -18,7 +18,7 @@ import time
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1
 
@@ -38,7 +38,7 @@ def main() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from raysft.workers.loss import token_loss_sums
+    from raysft.workers.training.loss import token_loss_sums
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.llama import LlamaForCausalLM
     from raysft.workers.models.params import ParamLayout

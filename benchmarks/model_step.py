@@ -14,7 +14,7 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 
 class Settings(BaseSettings):
@@ -76,7 +76,7 @@ def time_jax_training(layout, params, input_ids, warmup: int, steps: int, **step
     import jax.numpy as jnp
     import optax
 
-    from raysft.workers.step import make_train_step
+    from raysft.workers.training.step import make_train_step
 
     optimizer = optax.adamw(1e-4)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

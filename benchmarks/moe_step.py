@@ -19,7 +19,7 @@ import json
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 from model_step import time_jax_training, time_steps, time_torch_training
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

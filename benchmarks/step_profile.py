@@ -23,7 +23,7 @@ import time
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 from train_throughput import Settings as BareSettings, bare_step, packed_batches
 

@@ -22,8 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.plan import plan, plan_spec
-from raysft.workers.chips import GiB
-from raysft.workers.compiled_run import CompiledRun
+from raysft.workers.runtime.chips import GiB
+from raysft.workers.training.compiled_run import CompiledRun
 
 CONFIGS = Path(__file__).parent / "model_configs"
 MODELS = ["Llama-3.2-1B", "Llama-3.1-8B", "Qwen2.5-7B", "Gemma-2-9B", "Gemma-3-27B", "Llama-3.1-70B"]

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from raysft.data.rows import best_fit_decreasing, build_rows
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 
 class Settings(BaseSettings):
@@ -55,7 +55,7 @@ def bare_step(batches):
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.llama import LlamaForCausalLM
     from raysft.workers.models.params import ParamLayout
-    from raysft.workers.step import make_train_step
+    from raysft.workers.training.step import make_train_step
 
     cfg = ModelConfig.from_hf_dict({**W1, "architectures": ["LlamaForCausalLM"]})
     layout, params = ParamLayout.initialise(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -107,7 +107,7 @@ def main() -> None:
     run_as_cpu_worker()  # this process runs as raysft's CPU workers do, whatever it times
     import jax
 
-    from raysft.workers.flops import attention_pairs, model_flops, peak_flops
+    from raysft.workers.training.flops import attention_pairs, model_flops, peak_flops
     from raysft.workers.models.config import ModelConfig
 
     s = Settings()

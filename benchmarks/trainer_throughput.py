@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 from train_throughput import W1, Settings as BareSettings, packed_batches, run_pytorch, run_raysft
 

@@ -1,5 +1,5 @@
 """The CPU workers' options on W1's bare train step (`train_throughput.py`'s step on one
-device): XLA:CPU's and glibc's defaults, raysft's (`workers/xla_cpu.py`), each of raysft's
+device): XLA:CPU's and glibc's defaults, raysft's (`workers/runtime/xla_cpu.py`), each of raysft's
 two changes alone, and each kind of YNNPACK fusion on its own (with raysft's glibc
 tunables), each in a fresh process (XLA reads its flags once, glibc its tunables where a
 program starts), in alternated rounds of one run.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from raysft.workers.xla_cpu import cpu_glibc_tunables, cpu_xla_flags
+from raysft.workers.runtime.xla_cpu import cpu_glibc_tunables, cpu_xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 HUGE_PAGES = cpu_glibc_tunables("")

@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from raysft.data.errors import BadRow, DataError
+from raysft.storage.errors import BadRow, DataError
 
 _GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 

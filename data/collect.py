@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import ray
 
-from raysft.data.errors import DataError
 from raysft.data.row_shards import Documents
 from raysft.data.stall import Stalled, until_stalled
+from raysft.storage.errors import DataError
 
 
 def collect_documents(encoded, name: str, timeout_s: float, bar) -> tuple[Documents, dict]:

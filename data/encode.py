@@ -11,9 +11,9 @@ import dataclasses
 import numpy as np
 
 from raysft.data.chat import ChatRenderer
-from raysft.data.errors import BadRow
 from raysft.data.formats import Example
 from raysft.data.settings import DataSettings
+from raysft.storage.errors import BadRow
 
 
 @dataclasses.dataclass

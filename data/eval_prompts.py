@@ -8,10 +8,10 @@ from typing import Any
 from ray.data.expressions import col
 
 from raysft.data import mixture, sources
-from raysft.data.errors import DataError
 from raysft.data.formats import Example, detect_format
 from raysft.data.readers import FILE_INDEX, ROW_NUMBER
 from raysft.data.tokenize import row_example
+from raysft.storage.errors import DataError
 
 
 def eval_prompts(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from raysft.data.errors import BadRow, DataError
+from raysft.storage.errors import BadRow, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speakers as the common exports spell them.

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raysft.data.errors import DataError
+from raysft.storage.errors import DataError
 
 STOPPING = ("first_exhausted", "all_exhausted")
 

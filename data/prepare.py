@@ -22,15 +22,15 @@ from etils import epath
 from raysft.data import mixture, sources
 from raysft.data.chat import require_chat_template
 from raysft.data.collect import collect_documents
-from raysft.data.credentials import Credentials
 from raysft.data.formats import detect_format
-from raysft.data.locations import is_object_storage, local_copy, location, make_dir, remove_tree
 from raysft.data.row_shards import Documents, rows_per_shard, write_row_shards
 from raysft.data.rows import Bins, Placements, best_fit_decreasing, bin_placements, wrapped_placements
 from raysft.data.settings import DataSettings
 from raysft.data.stall import DEFAULT_TIMEOUT_S
 from raysft.data.store import META_FILE, RowStore
 from raysft.data.tokenize import encode_rows
+from raysft.storage.credentials import Credentials
+from raysft.storage.locations import is_object_storage, local_copy, location, make_dir, remove_tree
 
 CHAT_FORMATS = ("messages", "sharegpt")
 # Ray Data's advice when a source has fewer blocks than encoding tasks may run: a small

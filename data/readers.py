@@ -20,10 +20,10 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from raysft.data.credentials import NONE, Credentials
 from raysft.data.data_nodes import task_options
-from raysft.data.errors import DataError
-from raysft.data.files import count_newlines, filesystem, first_line
+from raysft.storage.credentials import NONE, Credentials
+from raysft.storage.errors import DataError
+from raysft.storage.files import count_newlines, filesystem, first_line
 
 FILE_INDEX = "_file"
 ROW_NUMBER = "_row"

@@ -11,13 +11,13 @@ import numpy as np
 import ray
 from etils import epath
 
-from raysft.data.credentials import NONE, Credentials
 from raysft.data.data_nodes import task_options
-from raysft.data.locations import load_array, location, save_array
 from raysft.data.rows import ROW_FIELDS, Placements, fill_rows
 from raysft.data.stall import DEFAULT_TIMEOUT_S, stalled
 from raysft.data.store import shard_file
 from raysft.data.tokenize import DOC_FILES, doc_file
+from raysft.storage.credentials import NONE, Credentials
+from raysft.storage.locations import load_array, location, save_array
 
 SHARD_BYTES = 128 << 20
 

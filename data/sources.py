@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import ray
 
-from raysft.data.credentials import NONE, Credentials
-from raysft.data.errors import DataError
-from raysft.data.files import SUFFIXES, file_size, first_line, is_remote, list_files, remote_fingerprint, scan_local
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER, chunk_bytes, first_columns, read_files, read_pieces
+from raysft.storage.credentials import NONE, Credentials
+from raysft.storage.errors import DataError
+from raysft.storage.files import SUFFIXES, file_size, first_line, is_remote, list_files, remote_fingerprint, scan_local
 
 STREAM_BATCH_ROWS = 1000
 

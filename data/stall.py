@@ -11,7 +11,7 @@ from typing import Iterator, TypeVar
 import ray
 
 from raysft.data.data_nodes import cpus_matching
-from raysft.data.errors import DataError
+from raysft.storage.errors import DataError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0

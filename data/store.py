@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
-from raysft.data.locations import local_copy, location
 from raysft.data.rows import ROW_FIELDS
+from raysft.storage.locations import local_copy, location
 
 META_FILE = "meta.json"
 

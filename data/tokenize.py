@@ -25,11 +25,11 @@ import numpy as np
 from etils import epath
 
 from raysft.data.encode import Encoder
-from raysft.data.errors import BadRow
 from raysft.data.formats import to_example
-from raysft.data.locations import local_copy, location, save_array
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER
 from raysft.data.settings import DataSettings
+from raysft.storage.errors import BadRow
+from raysft.storage.locations import local_copy, location, save_array
 
 POLICY_DROPS = ("too_long", "no_trained_tokens")
 DOC_FILES = ("ids", "weights")

@@ -119,7 +119,7 @@ class ChatCommand(BaseSettings):
                           "directory's logs/ray.log (or $RAYSFT_CACHE/logs/ray.log for a model).")
 
     def sampling(self):
-        from raysft.workers.sampler import SamplingParams
+        from raysft.workers.generation.sampler import SamplingParams
 
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed)
 
@@ -152,9 +152,9 @@ def accept_bare_bool_flags(argv: list[str], command: type[BaseSettings] = SFTCom
 
 def _ray_logs(model_or_run_dir: str, verbose: bool):
     """Ray's output to a local run directory's logs/, else to the cache's."""
-    from raysft.data.locations import default_cache_dir, is_object_storage
     from raysft.orchestrator.ray_logs import ray_logs_to
     from raysft.orchestrator.run_record import RUN_FILE
+    from raysft.storage.locations import default_cache_dir, is_object_storage
 
     run_dir = Path(model_or_run_dir)
     local_run = not is_object_storage(model_or_run_dir) and (run_dir / RUN_FILE).is_file()
@@ -217,8 +217,8 @@ def run_preprocess(argv: list[str]) -> int:
     def run() -> int:
         from transformers import AutoTokenizer
 
-        from raysft.data.locations import local_copy
         from raysft.data.show import show_rows
+        from raysft.storage.locations import local_copy
 
         config, launch = CliApp.run(PreprocessCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
         tokenizer_dir, train_store, _ = _trainer(config, launch).prepare_data()

@@ -11,9 +11,9 @@ import yaml
 from etils import epath
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from raysft.data.locations import location
 from raysft.orchestrator.tpu import TpuSlice
-from raysft.workers.mesh import ShardingError, check_dims, resolve_dims
+from raysft.storage.locations import location
+from raysft.workers.runtime.mesh import ShardingError, check_dims, resolve_dims
 
 DType = Literal["float32", "bfloat16"]
 

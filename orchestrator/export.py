@@ -6,15 +6,15 @@ import os
 
 from etils import epath
 
-from raysft.data.locations import location
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import DType
 from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.restarts import classify
 from raysft.orchestrator.run_record import RunRecord
 from raysft.orchestrator.worker_group import worker_group
-from raysft.workers.export_loop import export_loop_per_worker
-from raysft.workers.shared_storage import write_marker
+from raysft.storage.locations import location
+from raysft.storage.shared_storage import write_marker
+from raysft.workers.checkpoints.export_loop import export_loop_per_worker
 from raysft.workers.spec import TrainSpec
 
 
@@ -24,7 +24,7 @@ class ExportFailed(RuntimeError):
 
 def checkpoint_steps(run_dir: epath.Path) -> list[int]:
     """Complete checkpoints of a run (orbax lists a step only once it is committed)."""
-    from raysft.workers.checkpoint import Checkpoints
+    from raysft.workers.checkpoints.checkpoint import Checkpoints
 
     directory = run_dir / "checkpoints"
     if not directory.is_dir():

@@ -7,17 +7,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from raysft.data.credentials import Credentials
-from raysft.data.errors import DataError
-from raysft.data.locations import location
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.export import complete_step
 from raysft.orchestrator.run_record import RUN_FILE, RunRecord
 from raysft.orchestrator.worker_group import worker_env
+from raysft.storage.credentials import Credentials
+from raysft.storage.errors import DataError
+from raysft.storage.locations import location
+from raysft.workers.generation.sampler import SamplingParams
 from raysft.workers.models.config import ModelLoadError, read_hf_config
 from raysft.workers.models.source import ModelSource
-from raysft.workers.sampler import SamplingParams
 from raysft.workers.spec import TrainSpec
 
 
@@ -64,7 +64,7 @@ class RemoteGenerator:
     def __init__(self, model: str, step: int | None = None, dtype: str | None = None, resources: dict | None = None):
         import ray
 
-        from raysft.workers.generation_server import GenerationServer
+        from raysft.workers.generation.generation_server import GenerationServer
 
         spec, chosen, self.what = server_spec(model, step, dtype)
         connect(1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import ray
 
-from raysft.data.credentials import Credentials
-from raysft.workers.shared_storage import what_this_host_misses
+from raysft.storage.credentials import Credentials
+from raysft.storage.shared_storage import what_this_host_misses
 
 ANSWER_TIMEOUT_S = 300
 

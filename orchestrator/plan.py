@@ -18,11 +18,11 @@ from typing import Any, Callable
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.plan_search import Change, candidate_changes, strongest
 from raysft.orchestrator.tpu import TpuSlice
-from raysft.workers.chips import GiB
-from raysft.workers.compiled_run import CompiledRun, StepEstimate, estimate_step
-from raysft.workers.flops import flops_per_token
 from raysft.workers.models.config import ModelConfig, read_hf_config, text_model_config
+from raysft.workers.runtime.chips import GiB
 from raysft.workers.spec import TrainSpec
+from raysft.workers.training.compiled_run import CompiledRun, StepEstimate, estimate_step
+from raysft.workers.training.flops import flops_per_token
 
 # Deeper unscanned models take the TPU compiler minutes on a small head.
 UNSCANNED_WARNING_LAYERS = 16

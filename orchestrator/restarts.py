@@ -14,7 +14,7 @@ from typing import Literal
 from ray.exceptions import RayActorError
 from ray.train.v2.api.exceptions import ControllerError, PreemptionError, WorkerGroupError
 
-from raysft.workers.preemption import Preempted
+from raysft.workers.runtime.preemption import Preempted
 
 Kind = Literal["input", "preemption", "failure"]
 

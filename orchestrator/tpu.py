@@ -16,7 +16,7 @@ import re
 from ray._private.accelerators.tpu import VALID_TPU_TOPOLOGY, get_tpu_cores_per_chip
 from ray.util.tpu import get_tpu_version_from_type, get_tpu_worker_resources
 
-from raysft.workers.chips import Chip, tpu_chip
+from raysft.workers.runtime.chips import Chip, tpu_chip
 
 _TPU_TYPE = re.compile(r"^(v\d+[a-z]*)-(\d+)$")
 # What people call a generation where GCP's type name differs (v5e-16 is v5litepod-16).

@@ -15,7 +15,6 @@ from etils import epath
 from raysft.data import mixture
 from raysft.data.data_nodes import off_tpu_hosts
 from raysft.data.eval_prompts import eval_prompts
-from raysft.data.locations import is_object_storage, location, make_dir, staging_dir, upload
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
@@ -29,12 +28,13 @@ from raysft.orchestrator.restarts import RestartBudget, classify
 from raysft.orchestrator.run_record import RunRecord
 from raysft.orchestrator.tracking import WandbTracker
 from raysft.orchestrator.worker_group import worker_group
+from raysft.storage.locations import is_object_storage, location, make_dir, staging_dir, upload
+from raysft.storage.shared_storage import write_marker
+from raysft.workers.generation.text_generation import as_prompt
 from raysft.workers.models.auto import CausalLM
 from raysft.workers.models.source import ModelSource
-from raysft.workers.shared_storage import write_marker
 from raysft.workers.spec import TrainSpec
-from raysft.workers.text_generation import as_prompt
-from raysft.workers.train_loop import train_loop_per_worker
+from raysft.workers.training.train_loop import train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):
@@ -86,7 +86,7 @@ class SFTTrainer:
         self.model_dir = self.model.fetch(weights=False)
         if arguments.use_lora or arguments.frozen_parameters or arguments.trainable_parameters or arguments.unfreeze_schedule:
             from raysft.orchestrator.plan import plan_spec
-            from raysft.workers.trainable import check_run
+            from raysft.workers.training.trainable import check_run
 
             check_run(plan_spec(arguments, self.model_dir), self.model_dir)  # before Ray starts too
         mixture.parts(train_dataset)  # a bad mixture fails here, before Ray starts
@@ -132,7 +132,7 @@ class SFTTrainer:
         directory = self.args.run_dir / "checkpoints"
         if self.args.allow_data_change or not directory.is_dir():
             return
-        from raysft.workers.checkpoint import Checkpoints  # orbax, for runs that resume
+        from raysft.workers.checkpoints.checkpoint import Checkpoints  # orbax, for runs that resume
 
         checkpoints = Checkpoints(str(directory), keep=None)
         try:
@@ -236,7 +236,7 @@ class SFTTrainer:
         minute on a CPU head) and stop if it cannot fit, before a slice is requested."""
         from raysft.orchestrator.plan import DoesNotFit, plan
         from raysft.orchestrator.tpu import CompilerUnavailable
-        from raysft.workers.chips import UnknownChip
+        from raysft.workers.runtime.chips import UnknownChip
 
         args = self.args
         try:

@@ -6,11 +6,11 @@ from typing import Any, Callable
 
 from etils import epath
 
-from raysft.data.credentials import Credentials
-from raysft.data.files import portable_filesystem
-from raysft.data.locations import is_object_storage
 from raysft.orchestrator.config import SFTConfig
-from raysft.workers.xla_cpu import cpu_worker_env
+from raysft.storage.credentials import Credentials
+from raysft.storage.files import portable_filesystem
+from raysft.storage.locations import is_object_storage
+from raysft.workers.runtime.xla_cpu import cpu_worker_env
 
 
 def worker_env(cpu: bool) -> dict[str, str]:

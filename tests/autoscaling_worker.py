@@ -44,7 +44,7 @@ from conftest import CORPUS, free_port, save_tiny_model, serve_bucket, train_tok
 
 import raysft as rs  # noqa: E402
 from raysft.data.data_nodes import TPU_POD_LABEL  # noqa: E402
-from raysft.data.locations import local_copy  # noqa: E402
+from raysft.storage.locations import local_copy  # noqa: E402
 from raysft.orchestrator.export import checkpoint_steps  # noqa: E402
 
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"

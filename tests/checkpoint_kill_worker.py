@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from raysft.workers.checkpoint import Checkpoints
+from raysft.workers.checkpoints.checkpoint import Checkpoints
 
 
 def step_2_committed() -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raysft.workers.xla_cpu import use_cpu_xla_flags
+from raysft.workers.runtime.xla_cpu import use_cpu_xla_flags
 
 # Keep each test process's JAX on the CPU, with four devices so in-process meshes are real,
 # compiled as raysft's CPU workers compile.
@@ -217,6 +217,20 @@ def chat_model_dir(tmp_path_factory, chat_tokenizer_dirs) -> Path:
     save_tiny_model(out, len(tokenizer))
     tokenizer.save_pretrained(out)
     return out
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The package's folders (as pyproject maps them) and pyproject.toml, as a job's
+    `--working-dir .` ships them to nodes without raysft installed."""
+    import shutil
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    package_dirs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for name in sorted({folder.split("/")[0] for folder in package_dirs.values()}):
+        shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(root / "pyproject.toml", dest)
+    return dest
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -18,7 +18,7 @@ def main(model_dir: str, out_dir: str, coordinator: str, processes: int, rank: i
     jax.config.update("jax_num_cpu_devices", 2)
     jax.distributed.initialize(coordinator, num_processes=processes, process_id=rank)
 
-    from raysft.workers.mesh import global_mesh
+    from raysft.workers.runtime.mesh import global_mesh
     from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig, read_hf_config

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CORPUS, free_port, save_tiny_model, serve_bucket, train_tokenizer, write_jsonl  # noqa: E402
 
 import raysft as rs  # noqa: E402
-from raysft.data.locations import local_copy  # noqa: E402
+from raysft.storage.locations import local_copy  # noqa: E402
 from raysft.orchestrator.export import checkpoint_steps, export_checkpoint  # noqa: E402
 
 def host(out_dir: Path) -> dict:

@@ -40,13 +40,13 @@ def run(model_dir: Path, dims, accumulation: int = 1, devices=None, num_slices: 
     import optax
     from jax.experimental import multihost_utils
 
-    from raysft.workers.mesh import batch_sharding, global_mesh, optimizer_state_shardings
+    from raysft.workers.runtime.mesh import batch_sharding, global_mesh, optimizer_state_shardings
     from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.loading import load_params
     from raysft.workers.models.runtime import ModelRuntime
-    from raysft.workers.step import make_gradient_fn, make_train_step
+    from raysft.workers.training.step import make_gradient_fn, make_train_step
 
     mesh = global_mesh(*dims, devices=devices, num_slices=num_slices)
     cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -85,7 +85,7 @@ def main(model_dir: str, out_dir: str, coordinator: str, processes: int, rank: i
         if name == "fsdp" and rank == 0:
             np.savez(Path(out_dir) / "grads_2hosts.npz", **grads)
     # Each process stands for one TPU slice: dp runs across them (the DCN axis), fsdp within.
-    from raysft.workers.mesh import global_mesh
+    from raysft.workers.runtime.mesh import global_mesh
 
     out["two_slices"], _ = run(Path(model_dir), (1, 2, 1, 1), num_slices=2, with_grads=False)
     mesh = global_mesh(1, 2, 1, 1, num_slices=2)

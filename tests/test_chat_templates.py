@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raysft.data.encode import Encoder
-from raysft.data.errors import BadRow
+from raysft.storage.errors import BadRow
 from raysft.data.formats import to_example
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings

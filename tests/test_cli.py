@@ -215,8 +215,8 @@ def _generate_from_the_run(run_dir, tmp_path, capsys):
 
     import raysft as rs
     from raysft.orchestrator.generate import RemoteGenerator, chat
-    from raysft.workers.sampler import SamplingParams
-    from raysft.workers.text_generation import TextGenerator
+    from raysft.workers.generation.sampler import SamplingParams
+    from raysft.workers.generation.text_generation import TextGenerator
 
     exported = rs.AutoModelForCausalLM.from_pretrained(run_dir / "export")
     here = TextGenerator(exported.layout, AutoTokenizer.from_pretrained(run_dir / "export"), run_dir / "export", 4096)

@@ -90,18 +90,16 @@ def test_example_configs_load_and_name_their_own_command(path):
 def test_a_checkout_imports_without_the_installed_package(tmp_path):
     """`ray job submit --working-dir .` from a checkout, on nodes without raysft installed:
     the checkout's `raysft/` finds the subpackages next to it."""
-    import shutil
     import subprocess
     import sys
 
-    root = Path(__file__).parents[1]
-    for name in ("raysft", "orchestrator", "workers", "data"):
-        shutil.copytree(root / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(root / "pyproject.toml", tmp_path)
+    from conftest import copy_checkout
+
+    copy_checkout(tmp_path)
     code = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
-        "import raysft.orchestrator.cli as cli, raysft.workers.train_loop as loop; print(cli.__file__, loop.__file__)"
+        "import raysft.orchestrator.cli as cli, raysft.workers.training.train_loop as loop; print(cli.__file__, loop.__file__)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [str(tmp_path / "orchestrator" / "cli.py"), str(tmp_path / "workers" / "train_loop.py")]
+    assert out.stdout.split() == [str(tmp_path / "orchestrator" / "cli.py"), str(tmp_path / "workers" / "training" / "train_loop.py")]

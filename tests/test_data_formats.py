@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from raysft.data.encode import Encoder
-from raysft.data.errors import BadRow
+from raysft.storage.errors import BadRow
 from raysft.data.formats import detect_format, to_example
 from raysft.data.settings import DataSettings
 

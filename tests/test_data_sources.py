@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from raysft.data.errors import DataError
+from raysft.storage.errors import DataError
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 

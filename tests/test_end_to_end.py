@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM as TorchAutoModel
 from transformers import AutoTokenizer
 
 import raysft as rs
-from raysft.workers.checkpoint import ResumeMismatch
+from raysft.workers.checkpoints.checkpoint import ResumeMismatch
 from conftest import CORPUS, write_jsonl
 
 

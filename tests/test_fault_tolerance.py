@@ -143,7 +143,7 @@ def test_kill_during_checkpoint_write_restores_previous_step(tmp_path, storage, 
     import jax
     import jax.numpy as jnp
 
-    from raysft.workers.checkpoint import Checkpoints
+    from raysft.workers.checkpoints.checkpoint import Checkpoints
 
     ckpts = Checkpoints(directory, keep=None)
     assert ckpts.latest_step() == 1
@@ -165,7 +165,7 @@ def test_changed_data_is_refused_unless_allowed(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from raysft.workers.checkpoint import Checkpoints, ResumeMismatch
+    from raysft.workers.checkpoints.checkpoint import Checkpoints, ResumeMismatch
 
     ckpts = Checkpoints(tmp_path, keep=None)
     ckpts.save(3, {"w": jnp.ones(2)}, {}, {"data_fingerprint": "old"})
@@ -223,8 +223,8 @@ def test_restart_policy_classifies_failures():
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from raysft.workers.checkpoint import ResumeMismatch
-    from raysft.workers.preemption import Preempted
+    from raysft.workers.checkpoints.checkpoint import ResumeMismatch
+    from raysft.workers.runtime.preemption import Preempted
 
     def group(*errors):
         return WorkerGroupError("x", dict(enumerate(errors)))
@@ -289,7 +289,7 @@ def test_tpu_examples_agree_with_the_slice():
 WATCHDOG = """
 import sys, time
 import jax.numpy as jnp
-from raysft.workers.watchdog import Watchdog
+from raysft.workers.runtime.watchdog import Watchdog
 
 class Hung:  # a step whose result never arrives, as behind a collective with a dead peer
     def is_ready(self):
@@ -319,7 +319,7 @@ def test_watchdog_turns_a_hang_into_an_exit():
 
 
 def test_save_policy_by_steps_and_by_time():
-    from raysft.workers.checkpoint import SavePolicy
+    from raysft.workers.checkpoints.checkpoint import SavePolicy
 
     by_steps = SavePolicy(save_steps=3, save_interval_minutes=None, log_steps=1)
     assert [by_steps.due(s) for s in range(1, 7)] == [None, None, "steps", None, None, "steps"]
@@ -338,7 +338,7 @@ def test_save_total_limit_keeps_exactly_the_newest(tmp_path):
     from etils import epath
 
     from raysft.orchestrator.export import checkpoint_steps
-    from raysft.workers.checkpoint import Checkpoints
+    from raysft.workers.checkpoints.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
     for step in (2, 4, 6, 8, 10):

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 import raysft as rs
 from conftest import CORPUS, write_jsonl
-from raysft.workers.trainable import FreezingError, TrainableSet
+from raysft.workers.training.trainable import FreezingError, TrainableSet
 
 
 @pytest.fixture(scope="module")

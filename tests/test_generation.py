@@ -10,7 +10,7 @@ import torch
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.sampler import PromptTooLong, Sampler, SamplingParams, filtered_logits
+from raysft.workers.generation.sampler import PromptTooLong, Sampler, SamplingParams, filtered_logits
 from test_model_parity import VARIANTS
 
 
@@ -51,7 +51,7 @@ def test_smollm2_greedy_answers_match_transformers_generate(gguf_file, smollm2_c
     """The real SmolLM2-135M-Instruct, its chat template and its end-of-turn token."""
     from transformers import AutoTokenizer
 
-    from raysft.workers.text_generation import TextGenerator
+    from raysft.workers.generation.text_generation import TextGenerator
 
     monkeypatch.setenv("RAYSFT_CACHE", str(smollm2_cache))
     model = rs.AutoModelForCausalLM.from_pretrained(gguf_file, scan_layers=True)
@@ -120,7 +120,7 @@ def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
     filter, frequencies within a chi-square test (p > 1e-4) and 0.02 total variation."""
     from scipy.stats import chisquare
 
-    from raysft.workers.sampler import sample_tokens
+    from raysft.workers.generation.sampler import sample_tokens
 
     logits = np.random.default_rng(0).normal(0, 1.5, size=10).astype(np.float32)
     expected = _softmax_reference(logits.astype(np.float64), temperature, top_k, top_p)
@@ -154,7 +154,7 @@ def test_the_sampling_key_advances_with_every_token(tmp_path):
 def test_stops_at_stop_tokens_and_strings_and_refuses_bad_input(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from raysft.workers.text_generation import TextGenerator
+    from raysft.workers.generation.text_generation import TextGenerator
 
     model = rs.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -194,10 +194,10 @@ def test_stops_at_stop_tokens_and_strings_and_refuses_bad_input(tiny_model_dir):
 
 
 def test_eval_rows_become_prompts_and_references():
-    from raysft.data.errors import DataError
+    from raysft.storage.errors import DataError
     from raysft.data.eval_prompts import split_answer
     from raysft.data.formats import to_example
-    from raysft.workers.text_generation import exact_match
+    from raysft.workers.generation.text_generation import exact_match
 
     chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
                          {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
@@ -219,7 +219,7 @@ def test_eval_rows_become_prompts_and_references():
 def test_sharded_parameters_generate_what_one_device_does(tmp_path):
     """On a 4-device mesh with the training shardings (as on a TPU host when a copy per
     chip does not fit), rows split over the mesh (4 prompts) or replicated (2)."""
-    from raysft.workers.mesh import global_mesh
+    from raysft.workers.runtime.mesh import global_mesh
     from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
@@ -243,7 +243,7 @@ def test_sharded_parameters_generate_what_one_device_does(tmp_path):
 def test_chat_truncation_keeps_the_system_prompt_and_drops_the_oldest_turns(chat_model_dir):
     from transformers import AutoTokenizer
 
-    from raysft.workers.text_generation import TextGenerator
+    from raysft.workers.generation.text_generation import TextGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
     model = rs.AutoModelForCausalLM.from_pretrained(chat_model_dir)
@@ -267,7 +267,7 @@ def test_a_copy_for_decoding_must_fit_beside_what_training_holds():
     """Training's parameters and optimizer state hold 60% of the device: a copy of the
     parameters (a quarter of it) would leave too little for the KV cache, so decoding
     uses the training shards."""
-    from raysft.workers.sampler import copy_fits
+    from raysft.workers.generation.sampler import copy_fits
 
     limit = 16 << 30
     assert not copy_fits({"bytes_limit": limit, "bytes_in_use": int(0.6 * limit)}, limit // 4)

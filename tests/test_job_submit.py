@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, RAY_LINES, free_port, write_jsonl
+from conftest import CORPUS, RAY_LINES, copy_checkout, free_port, write_jsonl
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
@@ -85,11 +85,7 @@ def test_ray_job_submit_trains_and_exports(head_node, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": CORPUS[i % len(CORPUS)]} for i in range(32)])
     runs = tmp_path / "runs"
     # The job ships this checkout as its working dir (`--working-dir .` in the README).
-    checkout = tmp_path / "checkout"
-    root = Path(__file__).parents[1]
-    for name in ("raysft", "orchestrator", "workers", "data"):
-        shutil.copytree(root / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(root / "pyproject.toml", checkout)
+    checkout = copy_checkout(tmp_path / "checkout")
     command = (
         RAY + ["job", "submit", "--address", head_node, "--submission-id", "raysft-test", "--working-dir", str(checkout), "--",
                sys.executable, "-m", "raysft.orchestrator.sft", "--repo_id", str(tiny_model_dir),

@@ -22,7 +22,7 @@ from raysft.workers.models.loading import load_params
 from raysft.workers.models.lora import LoraSettings, check_rank, is_adapter, resolve_modules
 from raysft.workers.models.peft import read_adapter, save_adapter
 from raysft.workers.models.runtime import ModelRuntime
-from raysft.workers.sampler import Sampler, SamplingParams
+from raysft.workers.generation.sampler import Sampler, SamplingParams
 
 DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -197,7 +197,7 @@ def test_adapter_holds_base_parameters_trained_beside_it(tmp_path, tied):
         save_adapter({}, lora, epath.Path(tmp_path / "refused"), str(model_dir), cfg, {kernel: params[kernel]})
     # ... and a run that would train it so stops before training.
     from raysft.orchestrator.plan import plan_spec
-    from raysft.workers.trainable import FreezingError, check_run
+    from raysft.workers.training.trainable import FreezingError, check_run
 
     config = rs.SFTConfig(use_lora=True, lora_target_modules=targets, trainable_parameters=["q_proj"])
     with pytest.raises(FreezingError, match=r"cannot hold .*q_proj.*: train it whole .* or adapt it"):

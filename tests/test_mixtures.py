@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_jsonl
 from raysft.data import mixture
-from raysft.data.errors import DataError
+from raysft.storage.errors import DataError
 from raysft.data.prepare import prepare_dataset
 from raysft.data.settings import DataSettings
 

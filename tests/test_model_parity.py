@@ -261,7 +261,7 @@ def test_fused_checkpoint_loads_and_exports_sharded_over_fsdp_and_tp(tmp_path, s
     from etils import epath
     from safetensors.numpy import load_file
 
-    from raysft.workers.mesh import global_mesh
+    from raysft.workers.runtime.mesh import global_mesh
     from raysft.workers.models.partition import param_sharding
     from raysft.workers.models.export import save_pretrained
     from raysft.workers.models.loading import load_params

@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.loss import token_loss_sums
-from raysft.workers.mesh import global_mesh
+from raysft.workers.training.loss import token_loss_sums
+from raysft.workers.runtime.mesh import global_mesh
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig
 from raysft.workers.models.fused import fused_rows
@@ -21,7 +21,7 @@ from raysft.workers.models.llama import LlamaForCausalLM
 from raysft.workers.models.params import ParamLayout, hf_tensors
 from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.runtime import REMAT_POLICIES, ModelRuntime
-from raysft.workers.step import batch_sums
+from raysft.workers.training.step import batch_sums
 
 
 def _batch(vocab=97, b=2, t=48, seed=0):

@@ -17,12 +17,12 @@ import torch
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.mesh import ShardingError, batch_sharding, global_mesh
+from raysft.workers.runtime.mesh import ShardingError, batch_sharding, global_mesh
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelLoadError
 from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.runtime import ModelRuntime
-from raysft.workers.step import RouterWeights, batch_sums, make_gradient_fn
+from raysft.workers.training.step import RouterWeights, batch_sums, make_gradient_fn
 
 VOCAB = 96
 
@@ -128,7 +128,7 @@ def test_router_z_loss_and_expert_load_follow_their_formulas(tmp_path):
 
 def _z(params, model, batch):
     """The router z-loss with its gradient (batch_sums reports it without one)."""
-    from raysft.workers.router_loss import router_terms
+    from raysft.workers.training.router_loss import router_terms
 
     _, routing = model.layout.bind(params).hidden_states_and_routing(
         batch["input_ids"], batch["segment_ids"], batch["positions"]
@@ -243,7 +243,7 @@ def test_grouped_matmul_on_cpu_equals_ragged_dot(sizes):
 
 
 def test_flops_count_the_experts_a_token_uses():
-    from raysft.workers import flops
+    from raysft.workers.training import flops
     from raysft.workers.models.config import ModelConfig
 
     cfg = ModelConfig.from_hf_dict({

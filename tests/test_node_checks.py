@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, write_jsonl
-from raysft.workers.shared_storage import StorageNotShared, require_what_the_driver_sees, write_marker
+from raysft.storage.shared_storage import StorageNotShared, require_what_the_driver_sees, write_marker
 
 TESTS = Path(__file__).parent
 

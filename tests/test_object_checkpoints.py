@@ -9,7 +9,7 @@ import inspect
 import pytest
 from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils, type_handlers
 
-from raysft.workers.object_checkpoints import _S3_STAND_IN, enable_s3
+from raysft.workers.checkpoints.object_checkpoints import _S3_STAND_IN, enable_s3
 
 PINNED = "orbax.checkpoint._src.serialization.tensorstore_utils.build_kvstore_tspec"
 

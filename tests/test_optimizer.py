@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 import raysft as rs
-from raysft.workers.optimizer import build_optimizer, decay_mask, learning_rate_schedule
+from raysft.workers.training.optimizer import build_optimizer, decay_mask, learning_rate_schedule
 from raysft.workers.spec import TrainSpec
 
 

@@ -14,8 +14,8 @@ from conftest import write_jsonl
 from raysft.orchestrator.cli import main
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.plan import plan, plan_spec
-from raysft.workers.chips import GiB, TPU_CHIPS
-from raysft.workers.compiled_run import CompiledRun
+from raysft.workers.runtime.chips import GiB, TPU_CHIPS
+from raysft.workers.training.compiled_run import CompiledRun
 from test_tpu_compile import SMALL
 
 needs_libtpu = pytest.mark.skipif(
@@ -56,7 +56,7 @@ def test_plan_of_a_run_that_fits(config_dir, capsys):
     fastest = flops / (4 * 918e12)
     assert fastest < seconds < 30 * fastest, (seconds, fastest)
     # The MFU it implies: model FLOPs per token (workers.flops, one document per row) at that rate.
-    from raysft.workers.flops import flops_per_token
+    from raysft.workers.training.flops import flops_per_token
     from raysft.workers.models.config import ModelConfig
 
     mfu = float(estimate.split("MFU ")[1].split("%")[0]) / 100
@@ -174,7 +174,7 @@ def test_chips_offer_no_more_than_they_have():
 
 @needs_libtpu
 def test_an_unknown_chip_skips_the_pre_training_check_with_a_warning(config_dir, tmp_path, capsys, monkeypatch):
-    from raysft.workers import chips
+    from raysft.workers.runtime import chips
 
     monkeypatch.setattr(chips, "TPU_CHIPS", tuple(c for c in chips.TPU_CHIPS if c.name != "v6e"))
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}])

@@ -23,7 +23,7 @@ from raysft.workers.models.quantization import (
     NF4_LEVELS, Quantization, dequantize, is_codes, is_scale, quantize, quantized_part,
 )
 from raysft.workers.models.runtime import ModelRuntime
-from raysft.workers.trainable import FreezingError
+from raysft.workers.training.trainable import FreezingError
 
 DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

@@ -10,12 +10,12 @@ import pytest
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.mesh import batch_sharding, global_mesh
+from raysft.workers.runtime.mesh import batch_sharding, global_mesh
 from raysft.workers.models.partition import param_sharding
 from raysft.workers.models.attention import IMPLEMENTATIONS
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.runtime import ModelRuntime
-from raysft.workers.step import make_gradient_fn
+from raysft.workers.training.step import make_gradient_fn
 from test_train_step import assert_same_gradients, uneven_batch
 
 SP_MESHES = [(1, 1, 1, 4), (1, 2, 1, 2), (1, 1, 2, 2)]

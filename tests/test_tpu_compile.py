@@ -16,9 +16,9 @@ pytest.importorskip("libtpu", reason="libtpu compiles for TPU slices on this mac
 
 from raysft.orchestrator.config import SFTConfig  # noqa: E402
 from raysft.orchestrator.plan import plan_spec  # noqa: E402
-from raysft.workers.compiled_run import CompiledRun  # noqa: E402
-from raysft.workers.mesh import global_mesh  # noqa: E402
-from raysft.workers.programs import RunPrograms  # noqa: E402
+from raysft.workers.training.compiled_run import CompiledRun  # noqa: E402
+from raysft.workers.runtime.mesh import global_mesh  # noqa: E402
+from raysft.workers.training.programs import RunPrograms  # noqa: E402
 from raysft.workers.sharded_model import ShardedModel  # noqa: E402
 
 # A small Llama that splash takes (head_dim 64) and that divides over up to 8 chips.

@@ -12,9 +12,9 @@ import pytest
 
 import raysft as rs
 from conftest import save_tiny_model
-from raysft.workers.mesh import batch_sharding, global_mesh
+from raysft.workers.runtime.mesh import batch_sharding, global_mesh
 from raysft.workers.models.partition import param_sharding
-from raysft.workers.step import make_eval_step, make_gradient_fn, make_train_step
+from raysft.workers.training.step import make_eval_step, make_gradient_fn, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,12 @@ def test_eval_in_micro_batches_gives_the_whole_batch_sums(model):
 def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1), one_batch=False):
     """`steps` AdamW steps on a 4-device fsdp mesh (on one batch, or a new one each step);
     the final params on host."""
-    from raysft.workers.mesh import optimizer_state_shardings
+    from raysft.workers.runtime.mesh import optimizer_state_shardings
     from raysft.workers.models.auto import build_layout
     from raysft.workers.models.config import ModelConfig
     from raysft.workers.models.loading import load_params
     from raysft.workers.models.runtime import ModelRuntime
-    from raysft.workers.optimizer import build_optimizer
+    from raysft.workers.training.optimizer import build_optimizer
     from raysft.workers.spec import TrainSpec
 
     mesh = global_mesh(*mesh_dims)
@@ -157,7 +157,7 @@ def test_flops_formula_against_the_compilers_count(tmp_path):
     computes the masked half too) against the formula plus that half: matmuls dominate,
     the few percent over them are the elementwise ops (a missing LM head or a wrong
     attention factor would be 15-20% off)."""
-    from raysft.workers.flops import flops_per_token
+    from raysft.workers.training.flops import flops_per_token
 
     model_dir = save_tiny_model(tmp_path, vocab_size=512, hidden_size=64, intermediate_size=256, head_dim=16,
                                 max_position_embeddings=512)
@@ -176,7 +176,7 @@ def test_flops_formula_against_the_compilers_count(tmp_path):
 def test_model_flops_count_each_documents_causal_pairs_by_hand():
     from types import SimpleNamespace
 
-    from raysft.workers import flops
+    from raysft.workers.training import flops
     from raysft.workers.models.config import ModelConfig
 
     segments = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [4] * 8], jnp.int32)

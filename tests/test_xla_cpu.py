@@ -1,4 +1,4 @@
-"""The environment raysft's CPU workers run with (`workers/xla_cpu.py`): XLA:CPU's options, glibc's tunables."""
+"""The environment raysft's CPU workers run with (`workers/runtime/xla_cpu.py`): XLA:CPU's options, glibc's tunables."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_cpu_workers_get_huge_pages_for_large_allocations(monkeypatch):
 
 RESTARTS = """
 import os
-from raysft.workers.xla_cpu import run_as_cpu_worker
+from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 print("started", flush=True)
 run_as_cpu_worker()
 started_with = dict(v.split("=", 1) for v in open("/proc/self/environ").read().split("\\0") if "=" in v)

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from raysft.data.locations import local_copy, location
-from raysft.workers.mesh import global_mesh
+from raysft.storage.locations import local_copy, location
+from raysft.workers.runtime.mesh import global_mesh
 from raysft.workers.models.auto import build_layout
 from raysft.workers.models.config import ModelConfig, read_hf_config, text_model_config
 from raysft.workers.models.export import save_pretrained, write_assets

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from raysft.data.locations import location
+from raysft.storage.locations import location
 from raysft.workers.models.config import ModelConfig, read_hf_config
 from raysft.workers.models.export import save_pretrained, write_assets
 from raysft.workers.models.loading import load_params, tensor_files

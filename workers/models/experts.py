@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from raysft.workers.mesh import BATCH_AXES, PARAM_SHARD_AXES, ShardingError
 from raysft.workers.models.decoder import ACTIVATIONS
 from raysft.workers.models.row_gathers import gather_rows, inverse_permutation, weighted_rows
+from raysft.workers.runtime.mesh import BATCH_AXES, PARAM_SHARD_AXES, ShardingError
 
 
 def top_k_routing(logits_NxE, k: int, renormalise: bool):

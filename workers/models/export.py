@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
-from raysft.data.locations import is_object_storage, make_dir
+from raysft.storage.locations import is_object_storage, make_dir
 from raysft.workers.models.config import ModelConfig, text_model_config
 from raysft.workers.models.expert_tensors import checkpoint_tensors
 from raysft.workers.models.fused import fused_rows

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysft.data.locations import default_cache_dir
+from raysft.storage.locations import default_cache_dir
 from raysft.workers.models.config import ModelLoadError
 from raysft.workers.models.loading import SINGLE_FILE
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from raysft.workers.mesh import PARAM_SHARD_AXES, ShardingError
+from raysft.workers.runtime.mesh import PARAM_SHARD_AXES, ShardingError
 from raysft.workers.models.families import COLUMN_PROJECTIONS, ROW_PROJECTIONS
 from raysft.workers.models.params import is_stacked
 from raysft.workers.models.quantization import SCALE_LEAF

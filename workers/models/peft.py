@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import load as load_safetensors
 
-from raysft.data.locations import location
+from raysft.storage.locations import location
 from raysft.workers.models.config import ModelConfig, ModelLoadError
 from raysft.workers.models.expert_adapters import (
     adapted_experts, peft_expert_adapters, peft_key, peft_patterns, split_expert_adapter,

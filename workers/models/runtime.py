@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from raysft.workers.mesh import BATCH_AXES, ShardingError, activation_spec
 from raysft.workers.models.attention import ATTENTION_MECHANISMS, IMPLEMENTATIONS, resolve_mechanism, splash_kernel
+from raysft.workers.runtime.mesh import BATCH_AXES, ShardingError, activation_spec
 
 # Names as EasyDeL and MaxText spell them; `full` saves nothing, like `nothing_saveable`.
 REMAT_POLICIES: dict[str, Any] = {

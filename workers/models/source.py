@@ -13,10 +13,10 @@ import dataclasses
 import fnmatch
 from pathlib import Path
 
-from raysft.data.errors import DataError
-from raysft.data.files import REMOTE_SCHEMES, filesystem, first_line, unsupported_scheme
-from raysft.data.locations import listing_digest as _listing_digest
-from raysft.data.locations import local_copy
+from raysft.storage.errors import DataError
+from raysft.storage.files import REMOTE_SCHEMES, filesystem, first_line, unsupported_scheme
+from raysft.storage.locations import listing_digest as _listing_digest
+from raysft.storage.locations import local_copy
 from raysft.workers.models.config import ModelLoadError
 from raysft.workers.models.gguf_import import convert_gguf
 

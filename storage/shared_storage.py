@@ -12,8 +12,8 @@ from pathlib import Path
 
 from etils import epath
 
-from raysft.data.files import first_line
-from raysft.data.locations import make_dir
+from raysft.storage.files import first_line
+from raysft.storage.locations import make_dir
 
 MARKER = ".raysft-driver-marker"
 

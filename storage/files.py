@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from raysft.data.errors import DataError
+from raysft.storage.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf")

@@ -8,9 +8,9 @@ import socket
 import ray.train
 from ray.train.collective import broadcast_from_rank_zero
 
-from raysft.workers.shared_storage import require_what_the_driver_sees
+from raysft.storage.shared_storage import require_what_the_driver_sees
+from raysft.workers.runtime.watchdog import Watchdog
 from raysft.workers.spec import TrainSpec
-from raysft.workers.watchdog import Watchdog
 
 
 def _free_port() -> int:

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raysft.workers.chips import chip_of_device
 from raysft.workers.models.config import ModelConfig
+from raysft.workers.runtime.chips import chip_of_device
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> float:

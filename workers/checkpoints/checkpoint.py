@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from raysft.data.locations import is_object_storage
-from raysft.workers.object_checkpoints import enable_s3, object_storage_options
+from raysft.storage.locations import is_object_storage
+from raysft.workers.checkpoints.object_checkpoints import enable_s3, object_storage_options
 
 
 class ResumeMismatch(ValueError):

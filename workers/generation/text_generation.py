@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import jax
 
 from raysft.workers.models.params import ParamLayout
-from raysft.data.locations import local_copy
-from raysft.workers.sampler import Placement, PromptTooLong, Sampler, SamplingParams
+from raysft.storage.locations import local_copy
+from raysft.workers.generation.sampler import Placement, PromptTooLong, Sampler, SamplingParams
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
 

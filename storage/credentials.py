@@ -14,7 +14,7 @@ import functools
 import os
 from typing import Any, Callable
 
-from raysft.data.files import is_remote
+from raysft.storage.files import is_remote
 
 # Read by pyarrow, boto, gcsfs and huggingface_hub from the environment of the process.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from raysft.workers.models.quantization import stored_bytes
-from raysft.workers.programs import RunPrograms
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
-from raysft.workers.trainable import for_run
+from raysft.workers.training.programs import RunPrograms
+from raysft.workers.training.trainable import for_run
 
 # The TPU compiler turns an FSDP all-gather + matmul into a loop ("windowed einsum");
 # its cost model counts a loop body once, so time estimates are compiled without them.

@@ -15,13 +15,13 @@ import optax
 from jax.sharding import NamedSharding
 
 from raysft.data.rows import ROW_FIELDS
-from raysft.workers.mesh import ShardingError, batch_sharding, optimizer_state_shardings
 from raysft.workers.models.export import layer_gather
 from raysft.workers.models.lora import is_adapter
-from raysft.workers.optimizer import build_optimizer, learning_rate_schedule
+from raysft.workers.runtime.mesh import ShardingError, batch_sharding, optimizer_state_shardings
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
-from raysft.workers.step import make_eval_step, make_train_step
+from raysft.workers.training.optimizer import build_optimizer, learning_rate_schedule
+from raysft.workers.training.step import make_eval_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from raysft.workers.distributed import join_worker_group
+from raysft.workers.runtime.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
 
 
@@ -19,19 +19,19 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     # JAX is imported only after the distributed runtime is up (TPU hosts lock at import).
     import jax
 
-    from raysft.data.locations import location
     from raysft.data.store import RowStore
-    from raysft.workers.batches import global_batch
-    from raysft.workers.checkpoint import Checkpoints, SavePolicy, changed_settings
-    from raysft.workers.eval_generation import EvalGenerations
-    from raysft.workers.flops import mesh_peak_flops, model_flops
+    from raysft.storage.locations import location
+    from raysft.workers.checkpoints.checkpoint import Checkpoints, SavePolicy, changed_settings
+    from raysft.workers.generation.eval_generation import EvalGenerations
     from raysft.workers.models.source import ModelSource
-    from raysft.workers.optimizer import append_stage, build_optimizer
-    from raysft.workers.preemption import Preempted, PreemptionNotice
-    from raysft.workers.programs import RunPrograms
-    from raysft.workers.router_loss import ROUTING_METRICS
+    from raysft.workers.runtime.preemption import Preempted, PreemptionNotice
     from raysft.workers.sharded_model import ShardedModel
-    from raysft.workers.trainable import for_run
+    from raysft.workers.training.batches import global_batch
+    from raysft.workers.training.flops import mesh_peak_flops, model_flops
+    from raysft.workers.training.optimizer import append_stage, build_optimizer
+    from raysft.workers.training.programs import RunPrograms
+    from raysft.workers.training.router_loss import ROUTING_METRICS
+    from raysft.workers.training.trainable import for_run
 
     rank0 = jax.process_index() == 0
     watchdog.progress("fetching the model to this host")

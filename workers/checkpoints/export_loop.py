@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raysft.workers.distributed import join_worker_group
+from raysft.workers.runtime.distributed import join_worker_group
 from raysft.workers.spec import TrainSpec
 
 
@@ -13,10 +13,10 @@ def export_loop_per_worker(config: dict) -> None:
     file-by-file gather that host 0 writes, as at the end of training."""
     spec, step = TrainSpec(**config["spec"]), config["step"]
     watchdog = join_worker_group(spec)
-    from raysft.workers.checkpoint import Checkpoints
+    from raysft.workers.checkpoints.checkpoint import Checkpoints
     from raysft.workers.models.source import ModelSource
     from raysft.workers.sharded_model import ShardedModel
-    from raysft.workers.trainable import for_run
+    from raysft.workers.training.trainable import for_run
 
     watchdog.progress("fetching the model to this host")
     model = ShardedModel.build(spec)

@@ -8,10 +8,10 @@ import time
 
 import jax
 
-from raysft.workers.sampler import SamplingParams
+from raysft.workers.generation.sampler import SamplingParams
+from raysft.workers.generation.text_generation import TextGenerator, exact_match
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
-from raysft.workers.text_generation import TextGenerator, exact_match
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from raysft.data.credentials import NONE, Credentials
+from raysft.storage.credentials import NONE, Credentials
 from raysft.workers.spec import TrainSpec
 
 
@@ -14,9 +14,9 @@ class GenerationServer:
         for the model's own weights; `credentials`: the driver's, for a model or checkpoint
         in object storage or on the hub. The mesh is this host's devices."""
         credentials.apply()
-        from raysft.workers.checkpoint import Checkpoints
+        from raysft.workers.checkpoints.checkpoint import Checkpoints
+        from raysft.workers.generation.text_generation import TextGenerator
         from raysft.workers.sharded_model import ShardedModel
-        from raysft.workers.text_generation import TextGenerator
 
         spec = TrainSpec(**spec_fields)
         model = ShardedModel.build(spec)
@@ -31,7 +31,7 @@ class GenerationServer:
 
     def generate(self, prompts: list, sampling: dict, stop_strings: list[str], truncate: bool = False) -> dict:
         """{"answers": one per prompt, "warnings": what to tell the user}."""
-        from raysft.workers.sampler import SamplingParams
+        from raysft.workers.generation.sampler import SamplingParams
 
         answers, warnings = self.generator.generate_with_warnings(
             self.params, prompts, SamplingParams(**sampling), stop_strings, truncate

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from raysft.workers.flops import attention_pairs
-from raysft.workers.loss import token_loss_sums
 from raysft.workers.models.lora import child_key
 from raysft.workers.models.params import ParamLayout
-from raysft.workers.router_loss import expert_load, router_terms
+from raysft.workers.training.flops import attention_pairs
+from raysft.workers.training.loss import token_loss_sums
+from raysft.workers.training.router_loss import expert_load, router_terms
 
 
 class RouterWeights(NamedTuple):

@@ -21,8 +21,8 @@ import fsspec
 import numpy as np
 from etils import epath
 
-from raysft.data.errors import DataError
-from raysft.data.files import filesystem, first_line, unsupported_scheme
+from raysft.storage.errors import DataError
+from raysft.storage.files import filesystem, first_line, unsupported_scheme
 
 OBJECT_SCHEMES = ("s3", "gs")
 

@@ -19,7 +19,7 @@ def eval_prompts(
 ) -> list[dict]:
     """`count` prompts from the eval set's first rows, in dataset order (a dict of eval
     sources: from each in turn until there are enough): `{"messages" | "text", "tools",
-    "reference", "source", "where"}` (see `workers.text_generation`)."""
+    "reference", "source", "where"}` (see `workers.generation.text_generation`)."""
     prompts: list[dict] = []
     for part in mixture.parts(eval_dataset, "eval_dataset"):
         if len(prompts) >= count:

@@ -271,7 +271,7 @@ def run_export(argv: list[str]) -> int:
 
 
 def read_prompts(command: GenerateCommand) -> list:
-    """The prompts as the generator takes them (`workers.text_generation`)."""
+    """The prompts as the generator takes them (`workers.generation.text_generation`)."""
     import json
 
     def one(value, where: str):

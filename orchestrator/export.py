@@ -79,11 +79,8 @@ def export_checkpoint(
         config,
         model=str(record.model),
         tokenizer_dir=str(run_dir / "tokenizer"),
-        train_store=None,
-        eval_stores=None,
         checkpoint_dir=str(run_dir / "checkpoints"),
         export_dir=str(output),
-        summary_file=None,
         storage_marker=marker,
     )
     group = worker_group(

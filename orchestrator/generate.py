@@ -52,8 +52,7 @@ def server_spec(model: str, step: int | None, dtype: str | None = None) -> tuple
     if dtype:
         updates["dtype"] = dtype
     spec = TrainSpec.from_config(
-        config.model_copy(update=updates), model=str(source), tokenizer_dir=tokenizer_dir, train_store=None,
-        eval_stores=None, checkpoint_dir=checkpoint_dir, export_dir="", summary_file=None,
+        config.model_copy(update=updates), model=str(source), tokenizer_dir=tokenizer_dir, checkpoint_dir=checkpoint_dir,
     )
     return spec, chosen, what
 

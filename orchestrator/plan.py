@@ -177,10 +177,7 @@ def _count_words(n: int) -> str:
 
 def plan_spec(config: SFTConfig, model_dir: Path) -> TrainSpec:
     """The TrainSpec a run of `config` would give its workers (no data, no run paths)."""
-    return TrainSpec.from_config(
-        config, model=str(model_dir), tokenizer_dir="", train_store=None, eval_stores=None, checkpoint_dir="",
-        export_dir="", summary_file=None,
-    )
+    return TrainSpec.from_config(config, model=str(model_dir))
 
 
 def plan(

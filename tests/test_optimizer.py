@@ -16,10 +16,7 @@ from raysft.workers.spec import TrainSpec
 
 
 def _spec(**fields) -> TrainSpec:
-    paths = dict.fromkeys(
-        ["model", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "unused"
-    )
-    return TrainSpec.from_config(rs.SFTConfig(**fields), eval_stores=None, **paths)
+    return TrainSpec.from_config(rs.SFTConfig(**fields), model="unused")
 
 
 def _values(spec, total):

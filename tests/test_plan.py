@@ -55,7 +55,7 @@ def test_plan_of_a_run_that_fits(config_dir, capsys):
     flops = 6 * matmul_params * 8 * 1024 + 3 * layers * 4 * attention * causal_pairs
     fastest = flops / (4 * 918e12)
     assert fastest < seconds < 30 * fastest, (seconds, fastest)
-    # The MFU it implies: model FLOPs per token (workers.flops, one document per row) at that rate.
+    # The MFU it implies: model FLOPs per token (workers.training.flops, one document per row) at that rate.
     from raysft.workers.training.flops import flops_per_token
     from raysft.workers.models.config import ModelConfig
 

@@ -101,8 +101,7 @@ def _train(model_dir, steps=3, dtype=jnp.float32, mesh_dims=(1, 4, 1, 1), one_ba
     layout = build_layout(ModelConfig.from_file(model_dir / "config.json"), dtype, jnp.float32, ModelRuntime(mesh=mesh))
     p_shard = {n: param_sharding(mesh, n, s.shape) for n, s in layout.shapes.items()}
     params, _ = load_params(model_dir, layout, lambda n, shape: p_shard[n])
-    paths = dict.fromkeys(["model", "tokenizer_dir", "train_store", "checkpoint_dir", "export_dir", "summary_file"], "-")
-    spec = TrainSpec.from_config(rs.SFTConfig(learning_rate=1e-2), eval_stores=None, **paths)
+    spec = TrainSpec.from_config(rs.SFTConfig(learning_rate=1e-2), model="-")
     optimizer = build_optimizer(spec, steps)
     opt_shard = optimizer_state_shardings(jax.eval_shape(optimizer.init, params), params, p_shard, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)

@@ -24,15 +24,17 @@ _TRAJECTORY_FIELDS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSpec:
     model: str  # a `ModelSource`, pinned: each host fetches the model itself
-    tokenizer_dir: str
-    train_store: str | None  # None (and summary_file) where a worker only exports
-    eval_stores: dict[str, str] | None  # name ("" for an unnamed eval_dataset) -> store
-    checkpoint_dir: str
-    export_dir: str
-    summary_file: str | None
+    # What a training run reads and writes; an export, a generation server or a plan
+    # gives only what it uses.
+    tokenizer_dir: str = ""
+    train_store: str | None = None
+    eval_stores: dict[str, str] | None = None  # name ("" for an unnamed eval_dataset) -> store
+    checkpoint_dir: str = ""
+    export_dir: str = ""
+    summary_file: str | None = None
     backend: str  # cpu | gpu | tpu
     cpu_devices_per_host: int
     sharding_axis_dims: tuple[int, int, int, int]
@@ -90,7 +92,7 @@ class TrainSpec:
     frozen_parameters: list[str] | None = None
     unfreeze_schedule: dict | None = None  # {"layers": N, "every_steps": K} or {"layers": N, "every_epochs": E}
     adapter_dir: str | None = None  # with LoRA: the PEFT adapter directory written at the end
-    eval_prompts: list[dict] | None = None  # answered at every eval (`workers.text_generation` prompts)
+    eval_prompts: list[dict] | None = None  # answered at every eval (`workers.generation.text_generation` prompts)
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
     storage_marker: tuple[str, str] | None = None  # (path, token) the driver wrote into the run directory
 
@@ -101,7 +103,8 @@ class TrainSpec:
 
     @classmethod
     def from_config(cls, config: Any, **run_fields: Any) -> "TrainSpec":
-        """The config's fields of the same names, plus this run's paths and handles."""
+        """The spec every worker program starts from (training, export, generation, plan):
+        the config's fields of the same names, plus the paths and handles given."""
         values = {name: getattr(config, name) for name in cls.config_fields()}
         # Nested settings travel as plain dicts: workers never import the driver's config.
         values = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in values.items()}

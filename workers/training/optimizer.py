@@ -45,7 +45,7 @@ def build_optimizer(
     spec: TrainSpec, total_steps: int, groups: tuple[tuple[int, tuple[str, ...]], ...] | None = None
 ) -> optax.GradientTransformation:
     """The run's optimizer over a flat dict of parameters. `groups`: (start step, names)
-    of each stage of `workers.trainable` started so far: gradients are clipped over all of
+    of each stage of `workers.training.trainable` started so far: gradients are clipped over all of
     them together, and each stage has an optimizer state of its own that starts at its
     start step, with the schedule's learning rate from there (a layer unfrozen at step
     100 starts with fresh moments and Adam's bias correction, at the run's rate)."""

@@ -41,7 +41,7 @@ class RunPrograms:
         groups: tuple[tuple[int, tuple[str, ...]], ...] | None = None,
     ) -> "RunPrograms":
         """Checks that the batch and rows divide over the mesh, then builds the programs.
-        `groups`: the stages of `workers.trainable` started so far (default: one stage of
+        `groups`: the stages of `workers.training.trainable` started so far (default: one stage of
         every parameter)."""
         mesh = model.mesh
         batch, accumulation = spec.total_batch_size, spec.gradient_accumulation_steps

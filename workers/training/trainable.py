@@ -5,7 +5,7 @@ schedule has reached.
 Patterns are regular expressions searched in the Hugging Face parameter names users know
 (`model.layers.3.mlp.up_proj.weight`; an adapter: `model.layers.3.mlp.up_proj.lora_A.weight`).
 A stage is the set of parameters that start training at one step; each stage keeps its
-own optimizer state from the step it starts (`workers.optimizer`), and what never trains
+own optimizer state from the step it starts (`workers.training.optimizer`), and what never trains
 has none.
 """
 

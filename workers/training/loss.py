@@ -12,6 +12,27 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 
+def _chunking(shape_BxT, chunk_size: int | None, sequence_shards: int):
+    """(split, merge): [B, T, ...] to [chunks, B, sequence_shards, chunk, ...] (padded at
+    the end of each shard's positions) and back."""
+    b, t = shape_BxT
+    local = t // sequence_shards
+    chunk = min(chunk_size or local, local)
+    chunks = -(-local // chunk)
+    pad = chunks * chunk - local  # padded positions have weight 0
+
+    def split(x_BxT_):
+        x = x_BxT_.reshape(b, sequence_shards, local, *x_BxT_.shape[2:])
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        return jnp.moveaxis(x.reshape(b, sequence_shards, chunks, chunk, *x.shape[3:]), 2, 0)
+
+    def merge(x_NxBxSxC):
+        x = jnp.moveaxis(x_NxBxSxC, 0, 2).reshape(b, sequence_shards, chunks * chunk)
+        return x[:, :, :local].reshape(b, t)
+
+    return split, merge
+
+
 def _shifted_targets(input_ids_BxT, loss_weights_BxT):
     """Position t predicts token t+1 with weight `loss_weights[t+1]`; the last predicts nothing."""
     targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
@@ -141,20 +162,33 @@ def token_loss_sums(
     caller divides once by the weight of the whole global batch.
     """
     targets_BxT, weights_BxT = _shifted_targets(input_ids_BxT, loss_weights_BxT)
-    b, t, _ = hidden_BxTxD.shape
-    local = t // sequence_shards
-    chunk = min(chunk_size or local, local)
-    chunks = -(-local // chunk)
-    pad = chunks * chunk - local  # padded positions have weight 0
-
-    def split(x_BxT_):  # [B, T, ...] -> [chunks, B, sequence_shards, chunk, ...]
-        x = x_BxT_.reshape(b, sequence_shards, local, *x_BxT_.shape[2:])
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        return jnp.moveaxis(x.reshape(b, sequence_shards, chunks, chunk, *x.shape[3:]), 2, 0)
-
+    split, _ = _chunking(hidden_BxTxD.shape[:2], chunk_size, sequence_shards)
     hidden_NxBxSxCxD = split(hidden_BxTxD)
     # The head's parameters become explicit arguments, so the loss's own VJP can return
     # their gradient.
     head, head_params = jax.closure_convert(head, hidden_NxBxSxCxD[0])
     objective, sums = _head_loss(head, z_loss, hidden_NxBxSxCxD, split(targets_BxT), split(weights_BxT), *head_params)
     return {"objective": objective, **jax.lax.stop_gradient(sums)}
+
+
+def target_log_probs(
+    hidden_BxTxD, head: Callable, input_ids_BxT, chunk_size: int | None = None, sequence_shards: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """(log p(token t+1 | tokens up to t), whether token t+1 has the largest logit), both
+    [B, T] at position t (the last position predicts nothing: 0 and False), for objectives
+    that need each sequence's log-probability rather than a sum over tokens. Chunked as
+    `token_loss_sums`; each chunk's logits are recomputed in the backward pass rather than
+    kept, so only one chunk's [.., V] exists at a time."""
+    targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
+    split, merge = _chunking(hidden_BxTxD.shape[:2], chunk_size, sequence_shards)
+
+    @jax.checkpoint
+    def one_chunk(hidden, targets):
+        f32 = head(hidden).astype(jnp.float32)
+        target_logit = jnp.take_along_axis(f32, targets[..., None], axis=-1)[..., 0]
+        log_norm = jax.nn.logsumexp(f32, axis=-1)
+        return target_logit - log_norm, jax.lax.stop_gradient(target_logit >= jnp.max(f32, axis=-1))
+
+    log_probs, top = jax.lax.map(lambda xs: one_chunk(*xs), (split(hidden_BxTxD), split(targets_BxT)))
+    last = jnp.arange(input_ids_BxT.shape[1]) < input_ids_BxT.shape[1] - 1
+    return jnp.where(last, merge(log_probs), 0.0), merge(top) & last

@@ -11,8 +11,8 @@ import optax
 from raysft.workers.models.lora import child_key
 from raysft.workers.models.params import ParamLayout
 from raysft.workers.training.flops import attention_pairs
-from raysft.workers.training.loss import token_loss_sums
-from raysft.workers.training.router_loss import expert_load, router_terms
+from raysft.workers.training.objective import SFT, Objective, sft_from
+from raysft.workers.training.router_loss import expert_load
 
 
 class RouterWeights(NamedTuple):
@@ -29,22 +29,10 @@ def batch_sums(
     layout: ParamLayout, params, batch, chunk_size: int | None = None, dropout_key=None, z_loss: float = 0.0,
     router: RouterWeights = RouterWeights(),
 ) -> dict[str, jax.Array]:
-    """`token_loss_sums` of the batch; for a mixture-of-experts model also its routing
-    terms (`router_terms`), which enter `objective` weighted by `router`."""
-    model = layout.bind(params)
-    hidden_BxTxD, routing = model.hidden_states_and_routing(
-        batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key
-    )
-    mesh = model.runtime.mesh
-    sequence_shards = mesh.shape["sp"] if mesh is not None else 1
-    sums = token_loss_sums(
-        hidden_BxTxD, model.logits, batch["input_ids"], batch["loss_weights"], chunk_size, sequence_shards, z_loss
-    )
-    if routing is None:
-        return sums
-    terms = router_terms(routing)
-    penalty = router.aux * terms["aux_loss"] + router.z * terms["router_z_loss"]
-    return {**sums, "objective": sums["objective"] + router.scale * penalty, **jax.lax.stop_gradient(terms)}
+    """The SFT objective's sums of one batch (`token_loss_sums`, and a mixture-of-experts
+    model's routing terms weighted by `router`)."""
+    objective = SFT(chunk_size, z_loss, (router.aux, router.z))
+    return objective.sums(layout.bind(params), batch, {"supervised": router.scale}, dropout_key)
 
 
 def accumulate(fn: Callable, steps: int, batch_sharding=None) -> Callable:
@@ -89,34 +77,31 @@ def make_gradient_fn(
     gradient_accumulation_steps: int = 1,
     batch_sharding=None,
     router: tuple[float, float] = (0.0, 0.0),
+    objective: Objective | None = None,
 ) -> Callable:
-    """`gradient(params, batch, frozen, dropout_key) -> (grads, sums)`: the gradient of
-    the global-batch loss with respect to `params`; `frozen` (the rest of the model's
-    parameters, by name) enters the model but is not differentiated.
+    """`gradient(params, batch, frozen, dropout_key) -> (grads, sums)`: the
+    gradient of the global-batch loss of `objective` (default: SFT with `loss_chunk_size`,
+    `z_loss` and `router`, see `objective.SFT`) with respect to `params`; `frozen` (the
+    rest of the model's parameters, by name) enters the model but is not differentiated.
 
-    The loss is the sum of weighted token losses over the whole global batch (every
-    micro-batch, every host's rows) divided once by the sum of their weights, so neither
-    accumulation nor the number of hosts changes it. Micro-batches run in a `lax.scan`.
-    `z_loss` adds z_loss * mean(log Z^2) over supervised tokens. A mixture-of-experts
-    model adds `router` = (aux, z) times its load-balancing loss and router z-loss, each
-    the mean over micro-batches of the micro-batch's (as transformers' accumulation has it).
-    """
+    The objective's `totals` are taken over the whole global batch, its micro-batches' sums
+    are added in a `lax.scan` (`sums` holds both), and the summed gradient is divided once by its
+    `denominator`, so neither accumulation nor the number of hosts changes the loss."""
+    objective = sft_from(loss_chunk_size, z_loss, router, objective)
+    steps = gradient_accumulation_steps
 
     def gradient(params, batch, frozen=None, dropout_key=None):
-        supervised = jnp.maximum(jnp.sum(batch["loss_weights"][:, 1:].astype(jnp.float32)), 1.0)
-        weights = RouterWeights(*router, scale=supervised / gradient_accumulation_steps)
+        totals = objective.totals(batch)
 
         def objective_sums(trained, micro_batch, index):
-            sums = batch_sums(
-                layout, {**(frozen or {}), **trained}, micro_batch, loss_chunk_size, child_key(dropout_key, index), z_loss,
-                weights,
-            )
+            model = layout.bind({**(frozen or {}), **trained})
+            sums = objective.sums(model, micro_batch, totals, child_key(dropout_key, index), steps)
             return sums["objective"], sums
 
-        sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), gradient_accumulation_steps, batch_sharding)
+        sum_grads = accumulate(jax.grad(objective_sums, has_aux=True), steps, batch_sharding)
         grad_sums, sums = sum_grads(params, batch)
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        return jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sums), sums
+        denom = objective.denominator(sums)
+        return jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sums), {**sums, **totals}
 
     return gradient
 
@@ -132,26 +117,26 @@ def make_train_step(
     frozen_sharding=None,
     dropout_seed: int | None = None,
     router: tuple[float, float] = (0.0, 0.0),
+    objective: Objective | None = None,
 ) -> Callable:
     """`train_step(params, opt_state, batch, frozen, step) -> (params, opt_state, metrics)`,
     one jitted step: gradient (see `make_gradient_fn`) of the trained `params`, optimizer
     update, metrics left on device. `frozen`: the model's other parameters ({} when all
     train). With `dropout_seed`, LoRA dropout draws from (seed, `step`). A mixture-of-experts
     model's metrics add its routing terms and the least and most loaded expert's share."""
-    gradient = make_gradient_fn(layout, loss_chunk_size, z_loss, gradient_accumulation_steps, batch_sharding, router)
+    objective = sft_from(loss_chunk_size, z_loss, router, objective)
+    gradient = make_gradient_fn(layout, gradient_accumulation_steps=gradient_accumulation_steps,
+                                batch_sharding=batch_sharding, objective=objective)
 
     def train_step(params, opt_state, batch, frozen, step):
         key = None if dropout_seed is None else jax.random.fold_in(jax.random.PRNGKey(dropout_seed), step)
         grads, sums = gradient(params, batch, frozen, key)
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         real_tokens = jnp.sum(batch["segment_ids"] > 0)
         metrics = {
-            "loss": sums["loss_sum"] / denom,
+            **objective.metrics(sums),
             "grad_norm": optax.global_norm(grads),
-            "supervised_tokens": sums["weight_sum"],
-            "token_accuracy": sums["correct"] / denom,
             "tokens": real_tokens,
             # for the model FLOPs of packed rows
             "attention_pairs": attention_pairs(batch["segment_ids"], layout.attention_windows),
@@ -182,14 +167,16 @@ def make_eval_step(
     gradient_accumulation_steps: int = 1,
     batch_sharding=None,
     params_sharding=None,
+    objective: Objective | None = None,
 ) -> Callable:
-    """`eval_step(params, batch) -> sums` (loss_sum, weight_sum, correct, ...) to add over
-    batches; in training's micro-batches, so eval never holds more activations than a step."""
+    """`eval_step(params, batch) -> sums` (the objective's `eval_keys`) to add over
+    batches; in training's micro-batches, so eval never holds more activations than a step.
+    It reports the objective's own statistics (SFT: the loss without z-loss)."""
+    objective = sft_from(loss_chunk_size, objective=objective)
 
     def reported_sums(params, batch, _):
-        sums = batch_sums(layout, params, batch, loss_chunk_size)
-        del sums["objective"]  # what training differentiates: loss_sum here (no z-loss)
-        return sums
+        sums = objective.sums(layout.bind(params), batch, objective.totals(batch))
+        return {key: sums[key] for key in objective.eval_keys}
 
     sums = accumulate(reported_sums, gradient_accumulation_steps, batch_sharding)
     return jax.jit(sums, in_shardings=(params_sharding, batch_sharding))

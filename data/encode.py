@@ -12,6 +12,7 @@ import numpy as np
 
 from raysft.data.chat import ChatRenderer
 from raysft.data.formats import Example
+from raysft.data.pairs import PairEncoder, PairLimits
 from raysft.data.settings import DataSettings
 from raysft.storage.errors import BadRow
 
@@ -30,6 +31,8 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
         self.chat = ChatRenderer(tokenizer, settings.chat_template_kwargs)
+        self.pairs = PairEncoder(tokenizer, PairLimits(settings.max_length or settings.seq_len // 2, settings.max_prompt_length,
+                                                       settings.max_completion_length), settings.chat_template_kwargs)
 
     def _text_ids(self, text: str, special: bool) -> list[int]:
         return self._dedupe_bos(self.tokenizer(text, add_special_tokens=special)["input_ids"], special)
@@ -92,6 +95,9 @@ class Encoder:
         return ids, np.asarray(mask, bool)
 
     def encode(self, example: Example, where: str) -> Encoded:
+        if example.chosen is not None:
+            pieces, truncated = self.pairs.pieces(example, where)
+            return Encoded(pieces=pieces, truncated_tokens=truncated)
         s, limit = self.settings, self.settings.seq_len
         ids, mask = self.tokens(example, where)
         out = Encoded(pieces=[])

@@ -31,6 +31,8 @@ class Example:
     tools: list[dict] | None = None
     input_ids: list[int] | None = None  # pre-tokenized, labels -100 where not trained
     labels: list[int] | None = None
+    chosen: str | list[dict] | None = None  # a preference pair's completions (`data.pairs`), after `prompt`
+    rejected: str | list[dict] | None = None
 
 
 def detect_format(columns: list[str], text_field: str, forced: str, where: str) -> str:
@@ -38,7 +40,7 @@ def detect_format(columns: list[str], text_field: str, forced: str, where: str) 
     required = {
         "text": [text_field], "instruction": ["instruction"], "prompt_completion": ["prompt", "completion"],
         "messages": [text_field if text_field != "text" else "messages"], "sharegpt": ["conversations"],
-        "tokenized": ["input_ids"],
+        "tokenized": ["input_ids"], "preference": ["chosen", "rejected"],
     }
     if forced != "auto":
         missing = [c for c in required[forced] if c not in columns]
@@ -50,6 +52,8 @@ def detect_format(columns: list[str], text_field: str, forced: str, where: str) 
         return forced
     if "input_ids" in columns:
         return "tokenized"
+    if "chosen" in columns and "rejected" in columns:
+        return "preference"
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:

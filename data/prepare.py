@@ -103,6 +103,8 @@ def prepare_dataset(
     context.raise_original_map_exception = True
     context.execution_options.label_selector = label_selector  # our own tasks read it here too
     parts = mixture.parts(source)
+    if settings.pairs and mixture.is_mixture(source):
+        raise ValueError("preference data is one dataset: a mixture of preference sources is not supported")
     srcs = [sources.resolve(part.source, hub_options) for part in parts]  # datasets are made later, by `read()`
     weights = [part.weight for part in parts] if parts[0].weight is not None else None
     tokenizer_key = tokenizer_fingerprint(local_tokenizer)
@@ -284,11 +286,25 @@ def _bar(total: int | None, what: str, report):
 
 
 def _plan(lengths: np.ndarray, settings: DataSettings) -> Placements:
+    if settings.pairs:
+        return _pair_plan(lengths, settings)
     if settings.packing and settings.packing_strategy == "wrapped":
         return wrapped_placements(lengths, settings.seq_len)
     if settings.packing:
         return bin_placements(best_fit_decreasing(lengths, settings.seq_len), lengths)
     return bin_placements(Bins.one_per_document(len(lengths)), lengths)
+
+
+def _pair_plan(lengths: np.ndarray, settings: DataSettings) -> Placements:
+    """Preference pairs (chosen, rejected: documents 2j and 2j+1) whole in a row, chosen
+    first: packed best-fit by the pair's length, or one pair per row."""
+    if settings.packing and settings.packing_strategy == "wrapped":
+        raise ValueError("preference pairs pack whole (packing_strategy 'bfd'): 'wrapped' would cut a pair")
+    pair_lengths = lengths[0::2] + lengths[1::2]
+    pairs = best_fit_decreasing(pair_lengths, settings.seq_len) if settings.packing else Bins.one_per_document(
+        len(pair_lengths))
+    docs = np.stack([2 * pairs.doc, 2 * pairs.doc + 1], axis=1).reshape(-1)
+    return bin_placements(Bins(docs, 2 * pairs.counts), lengths)
 
 
 def format_stats(stats: dict) -> str:

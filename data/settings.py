@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-FORMATS = ("auto", "text", "instruction", "prompt_completion", "messages", "sharegpt", "tokenized")
+FORMATS = ("auto", "text", "instruction", "prompt_completion", "messages", "sharegpt", "tokenized", "preference")
 TRUNCATION = ("truncate", "drop", "split", "drop_turns")
 PACKING_STRATEGIES = ("bfd", "wrapped")
 
@@ -25,6 +25,16 @@ class DataSettings:
     on_bad_rows: str = "error"
     # Arguments the chat template reads (`enable_thinking`, `date_string`, ...).
     chat_template_kwargs: dict | None = None
+    # Preference pairs (`data.pairs`): a row holds whole pairs, each sequence at most
+    # `max_length` tokens (TRL's; default seq_len // 2), prompt and completions cut to the
+    # other two first.
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+
+    @property
+    def pairs(self) -> bool:
+        return self.dataset_format == "preference"
 
     def __post_init__(self):
         for name, allowed in (

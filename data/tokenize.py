@@ -26,6 +26,7 @@ from etils import epath
 
 from raysft.data.encode import Encoder
 from raysft.data.formats import to_example
+from raysft.data.pairs import pair_example
 from raysft.data.readers import FILE_INDEX, RAW_JSON, ROW_NUMBER
 from raysft.data.settings import DataSettings
 from raysft.storage.errors import BadRow
@@ -149,4 +150,6 @@ def row_example(row: dict[str, Any], fmt: str, text_field: str, where: str, form
             raise BadRow(f"{where}: malformed JSON line ({err})", "malformed_json") from None
         if not isinstance(row, dict):
             raise BadRow(f"{where}: expected a JSON object, got {type(row).__name__}", "wrong_type")
+    if fmt == "preference":
+        return pair_example(row, where)
     return to_example(row, fmt, text_field, where, formatting_func)

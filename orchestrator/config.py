@@ -11,6 +11,7 @@ import yaml
 from etils import epath
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raysft.data.settings import DataSettings
 from raysft.orchestrator.tpu import TpuSlice
 from raysft.storage.locations import location
 from raysft.workers.runtime.mesh import ShardingError, check_dims, resolve_dims
@@ -393,6 +394,21 @@ class SFTConfig(BaseModel):
         """Worker processes: one per TPU host of every slice, else num_hosts."""
         tpu = self.tpu_slice
         return tpu.num_workers if tpu else self.num_hosts
+
+    @property
+    def preference(self) -> dict | None:
+        """The preference objective's settings (`DPOConfig`); None: SFT."""
+        return None
+
+    def data_settings(self, packing: bool) -> DataSettings:
+        """What decides the tokens of the rows (and so the prepared store's fingerprint)."""
+        return DataSettings(
+            seq_len=self.max_sequence_length, text_field=self.dataset_text_field or "text",
+            dataset_format=self.dataset_format, packing=packing, packing_strategy=self.packing_strategy,
+            add_special_tokens=self.add_special_tokens, completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=self.assistant_only_loss, train_on_inputs=self.train_on_inputs,
+            truncation=self.truncation, on_bad_rows=self.on_bad_rows, chat_template_kwargs=self.chat_template_kwargs or None,
+        )
 
     @property
     def run_dir(self) -> epath.Path:

@@ -81,7 +81,7 @@ class ProgressReporter:
                 f"step {record['step']:>5}  loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  acc {record['token_accuracy']:.3f}  "
                 f"tokens/s {record['tokens_per_second']:.0f}  step {record['step_time_s']:.2f}s  "
-                f"pad {record['padding_fraction']:.1%}  mfu {record['mfu']:.1%}" + _routing(record)
+                f"pad {record['padding_fraction']:.1%}  mfu {record['mfu']:.1%}" + _routing(record) + _rewards(record)
             )
             self._bar.update(record["step"] - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
@@ -90,9 +90,11 @@ class ProgressReporter:
                 f"  {key.split('/', 1)[1]} {value:.4f}" for key, value in record.items() if key.startswith("eval_loss/")
             )
             parts = []
-            if "loss" in record:
+            if "perplexity" in record:
                 parts.append(f"loss {record['loss']:.4f}  perplexity {record['perplexity']:.2f}  "
                              f"token accuracy {record['token_accuracy']:.3f}")
+            elif "loss" in record:
+                parts.append(f"loss {record['loss']:.4f}{_rewards(record)}")
             if "exact_match" in record:
                 parts.append(f"exact match {record['exact_match']:.3f}")
             tqdm.write(f"eval at step {record['step']}: " + "  ".join(parts) + (f"  | loss by source:{per_source}" if per_source else ""))
@@ -102,7 +104,7 @@ class ProgressReporter:
             tqdm.write(f"step {record['step']} (compilation included) took {record['seconds']:.1f} s")
         elif event == "epoch":
             tqdm.write(f"epoch {record['epoch']} done at step {record['step']}: loss {record['loss']:.4f}")
-        elif event in ("warning", "restart"):
+        elif event in ("warning", "restart", "note"):
             tqdm.write(f"{event}: {record['message']}")
         elif event == "preempted":
             tqdm.write(f"preemption notice: saved step {record['step']}; restarting")
@@ -134,6 +136,14 @@ def show_generations(record: dict, shown: int) -> str:
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rewards(record: dict) -> str:
+    """A preference run's reward accuracy and margin (TRL's `rewards/*`)."""
+    if "rewards/accuracies" not in record:
+        return ""
+    return (f"  reward acc {record['rewards/accuracies']:.3f}  margin {record['rewards/margins']:.4f}  "
+            f"chosen {record['rewards/chosen']:.4f}  rejected {record['rewards/rejected']:.4f}")
 
 
 def _routing(record: dict) -> str:

@@ -16,7 +16,6 @@ from raysft.data import mixture
 from raysft.data.data_nodes import off_tpu_hosts
 from raysft.data.eval_prompts import eval_prompts
 from raysft.data.prepare import prepare_dataset
-from raysft.data.settings import DataSettings
 from raysft.orchestrator.cluster import connect
 from raysft.orchestrator.config import SFTConfig
 from raysft.orchestrator.node_checks import check_every_node
@@ -162,24 +161,10 @@ class SFTTrainer:
         data_nodes = None if args.data_on_tpu_hosts else off_tpu_hosts([tpu.tpu_type] if tpu else [])
 
         def prepare(dataset, packing: bool):
-            settings = DataSettings(
-                seq_len=args.max_sequence_length,
-                text_field=args.dataset_text_field or "text",
-                dataset_format=args.dataset_format,
-                packing=packing,
-                packing_strategy=args.packing_strategy,
-                add_special_tokens=args.add_special_tokens,
-                completion_only_loss=args.completion_only_loss,
-                assistant_only_loss=args.assistant_only_loss,
-                train_on_inputs=args.train_on_inputs,
-                truncation=args.truncation,
-                on_bad_rows=args.on_bad_rows,
-                chat_template_kwargs=args.chat_template_kwargs or None,
-            )
             return prepare_dataset(
                 dataset,
                 tokenizer_dir,
-                settings,
+                args.data_settings(packing),
                 run_dir / "data",
                 batch_size=args.dataset_batch_size,
                 num_proc=args.dataset_num_proc,

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Plan": "raysft.orchestrator.plan", "plan": "raysft.orchestrator.plan", "SFTTrainer": "raysft.orchestrator.trainer",
     "TrainingFailed": "raysft.orchestrator.trainer", "TrainOutput": "raysft.orchestrator.trainer",
     "AutoModelForCausalLM": "raysft.workers.models.auto", "CausalLM": "raysft.workers.models.auto",
+    "DPOConfig": "raysft.orchestrator.dpo", "DPOTrainer": "raysft.orchestrator.dpo",
 }
 # EasyDeL's names for the same things, so code written for it runs with `import raysft as ed`.
 _ALIASES = {

@@ -139,3 +139,117 @@ def test_orpo_and_simpo_match_trls_formulas():
         chosen_len, rejected_len)
     np.testing.assert_allclose(loss, trl_losses.numpy(), rtol=1e-6)
     np.testing.assert_allclose(reward_chosen, trl_chosen.numpy(), rtol=1e-6)
+
+
+CHAT_PAIRS = [
+    {"prompt": [{"role": "user", "content": "what is two plus two?"}],
+     "chosen": [{"role": "assistant", "content": "four."}], "rejected": [{"role": "assistant", "content": "five."}]},
+]
+CHAT_IMPLICIT_PAIRS = [
+    {"chosen": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "this is a test."}],
+     "rejected": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "no."}]},
+]
+IMPLICIT_PAIRS = [{"chosen": "the quick brown fox jumps over the lazy dog.", "rejected": "the quick brown fox sleeps."}]
+
+
+@pytest.mark.parametrize(
+    "rows, tokenizer",
+    [(PAIRS, "plain"), (IMPLICIT_PAIRS, "plain"), (CHAT_PAIRS, "chatml"), (CHAT_IMPLICIT_PAIRS, "chatml")],
+    ids=["standard", "implicit-prompt", "conversational", "conversational-implicit-prompt"])
+def test_pairs_tokenize_as_trl_tokenizes_them(tmp_path, tokenizer_dir, chat_tokenizer_dirs, rows, tokenizer):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from raysft.data.encode import Encoder
+    from raysft.data.settings import DataSettings
+    from raysft.data.tokenize import row_example
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer == "plain" else chat_tokenizer_dirs["chatml"])
+    model = save_tiny_model(tmp_path / "model", len(tok))
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=DPOConfig(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None),
+        train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    encoder = Encoder(tok, DataSettings(seq_len=512, dataset_format="preference"))
+    for i, row in enumerate(rows):
+        theirs = trainer.train_dataset[i]
+        pieces = encoder.encode(row_example(row, "preference", "text", f"row {i}"), f"row {i}").pieces
+        for (ids, weights), completion in zip(pieces, ("chosen_ids", "rejected_ids")):
+            assert ids.tolist() == theirs["prompt_ids"] + theirs[completion]
+            assert weights.tolist() == [0.0] * len(theirs["prompt_ids"]) + [1.0] * len(theirs[completion])
+
+
+def test_pair_truncation_and_bad_rows():
+    from raysft.data.pairs import PairEncoder, PairLimits, pair_example
+    from raysft.storage.errors import BadRow
+
+    class Chars:  # one token per character, EOS "$"
+        eos_token = "$"
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+
+    row = {"prompt": "abcdef", "chosen": "XYZ", "rejected": "Q"}
+    pieces, truncated = PairEncoder(Chars(), PairLimits(8, max_prompt_length=4, max_completion_length=3)).pieces(
+        pair_example(row, "r"), "r")
+    assert [bytes(ids.tolist()).decode() for ids, _ in pieces] == ["cdefXYZ", "cdefQ$"]  # EOS appended, then cut
+    assert [w.tolist() for _, w in pieces] == [[0] * 4 + [1] * 3, [0] * 4 + [1] * 2]
+    assert truncated == 2 * 2 + 1  # two prompt tokens from each sequence, the chosen's EOS
+    with pytest.raises(BadRow, match="row 7: the prompt alone is 6 tokens, max_length is 6") as err:
+        PairEncoder(Chars(), PairLimits(6)).pieces(pair_example(row, "row 7"), "row 7")
+    assert err.value.reason == "too_long"
+    with pytest.raises(BadRow, match="data.jsonl: row 3: missing field 'rejected'"):
+        pair_example({"prompt": "a", "chosen": "b"}, "data.jsonl: row 3")
+    with pytest.raises(BadRow, match="row 4: field 'rejected' holds int 5, expected a string"):
+        pair_example({"prompt": "a", "chosen": "b", "rejected": 5}, "row 4")
+
+
+def _trl_run_losses(model_dir, tmp_path, loss_type: str, pairs: list[dict], steps: int) -> list[float]:
+    """TRL's DPOTrainer: full-batch AdamW steps at a constant lr, its loss at each."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    losses = []
+
+    class Recording(DPOTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if model.training:
+                losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+            return out
+
+    args = DPOConfig(
+        output_dir=str(tmp_path), loss_type=[loss_type], beta=0.3, per_device_train_batch_size=len(pairs),
+        max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", max_length=64, use_cpu=True, seed=0,
+        bf16=False,
+    )
+    Recording(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
+              train_dataset=datasets.Dataset.from_list(pairs),
+              processing_class=AutoTokenizer.from_pretrained(model_dir)).train()
+    return losses
+
+
+@pytest.mark.parametrize("loss_type, hosts, accumulation", [("sigmoid", 1, 1), ("ipo", 2, 2)])
+def test_dpo_trainer_matches_trl_step_for_step(local_ray, tmp_path, tiny_model_dir, loss_type, hosts, accumulation):
+    """One pair per row, so a step is TRL's full batch; on 2 hosts in 2 micro-batches too."""
+    import raysft as rs
+    from conftest import write_jsonl
+
+    pairs, steps = PAIRS + [{"prompt": "hello", "chosen": " world.", "rejected": " there, friend."}], 4
+    reference = _trl_run_losses(tiny_model_dir, tmp_path / "trl", loss_type, pairs, steps)
+    config = rs.DPOConfig(
+        model_name="dpo", save_directory=str(tmp_path / "runs"), loss_type=loss_type, beta=0.3, max_length=64,
+        packing=False, total_batch_size=len(pairs), num_train_epochs=steps, learning_rate=1e-2, scheduler="none",
+        weight_decay=0.0, clip_grad=None, log_steps=1, num_hosts=hosts, gradient_accumulation_steps=accumulation,
+    )
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = rs.DPOTrainer(config, tiny_model_dir, train_dataset=data, eval_dataset=data, quiet=True).train()
+    records = [r for r in out.metrics if r["event"] == "step"]
+    np.testing.assert_allclose([r["loss"] for r in records], reference, atol=1e-4, rtol=0)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.05  # it trained
+    assert records[-1]["rewards/accuracies"] == 1.0 and records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    evals = [r for r in out.metrics if r["event"] == "eval"]
+    assert evals[-1]["rewards/accuracies"] == 1.0 and evals[-1]["loss"] < evals[0]["loss"]
+    assert out.summary["eval_loss_end"] == evals[-1]["loss"]

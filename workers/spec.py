@@ -20,7 +20,7 @@ _TRAJECTORY_FIELDS = (
     "use_lora", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_target_modules",
     "lora_init_from", "quantize_base", "quantization_block_size", "trainable_parameters", "frozen_parameters",
-    "unfreeze_schedule",
+    "unfreeze_schedule", "preference",
 )
 
 
@@ -95,6 +95,9 @@ class TrainSpec:
     eval_prompts: list[dict] | None = None  # answered at every eval (`workers.generation.text_generation` prompts)
     metrics_queue: Any = None  # a ray.util.queue.Queue, or None
     storage_marker: tuple[str, str] | None = None  # (path, token) the driver wrote into the run directory
+    # A preference run's objective (`workers.training.preference.PreferenceSettings` as a
+    # dict, the config's `preference`); None trains SFT.
+    preference: dict | None = None
 
     @classmethod
     def config_fields(cls) -> list[str]:

@@ -24,6 +24,9 @@ from raysft.workers.training.objective import model_outputs, with_router_terms
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, "simpo", "orpo")
 REFERENCE_FIELD = "reference_logps"
+# What a preference step reports besides the loss (TRL's names).
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "pairs")
 
 _PAIR_SUMS = ("pair_loss_sum", "pairs", "reward_chosen_sum", "reward_rejected_sum", "reward_correct",
               "logps_chosen_sum", "logps_rejected_sum", "nll_sum", "chosen_tokens", "chosen_correct")

@@ -21,7 +21,18 @@ from raysft.workers.runtime.mesh import ShardingError, batch_sharding, optimizer
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
 from raysft.workers.training.optimizer import build_optimizer, learning_rate_schedule
+from raysft.workers.training.objective import SFT, Objective
+from raysft.workers.training.preference import Preference, PreferenceSettings
 from raysft.workers.training.step import make_eval_step, make_train_step
+
+
+def run_objective(spec: TrainSpec, model: ShardedModel) -> Objective:
+    """The run's objective: SFT, or a preference objective (`spec.preference`)."""
+    aux = model.config.router_aux_loss_coef if spec.router_aux_loss_coef is None else spec.router_aux_loss_coef
+    router = (aux, spec.router_z_loss_coef)
+    if spec.preference is not None:
+        return Preference(PreferenceSettings(**spec.preference), spec.loss_chunk_size, router)
+    return SFT(spec.loss_chunk_size, spec.z_loss, router)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +45,7 @@ class RunPrograms:
     opt_shardings: Any
     train_step: Callable  # (params, opt_state, batch, frozen, step) -> (params, opt_state, metrics)
     eval_step: Callable  # (all params, batch) -> sums
+    objective: Objective
 
     @classmethod
     def build(
@@ -63,16 +75,17 @@ class RunPrograms:
         abstract_opt = jax.eval_shape(optimizer.init, {n: model.layout.shapes[n] for n in trained})
         opt_shardings = optimizer_state_shardings(abstract_opt, model.layout.shapes, model.shardings, mesh)
         rows = batch_sharding(mesh)
-        aux = model.config.router_aux_loss_coef if spec.router_aux_loss_coef is None else spec.router_aux_loss_coef
+        objective = run_objective(spec, model)
         train_step = make_train_step(
-            model.layout, optimizer, (trained_shardings, opt_shardings), spec.loss_chunk_size, spec.z_loss,
-            accumulation, rows, frozen_shardings, spec.seed if model.lora and model.lora.dropout else None,
-            (aux, spec.router_z_loss_coef),
+            model.layout, optimizer, (trained_shardings, opt_shardings), gradient_accumulation_steps=accumulation,
+            batch_sharding=rows, frozen_sharding=frozen_shardings,
+            dropout_seed=spec.seed if model.lora and model.lora.dropout else None, objective=objective,
         )
-        eval_step = make_eval_step(model.layout, spec.loss_chunk_size, accumulation, rows, model.shardings)
+        eval_step = make_eval_step(model.layout, gradient_accumulation_steps=accumulation, batch_sharding=rows,
+                                   params_sharding=model.shardings, objective=objective)
         return cls(
             model, trained, optimizer, learning_rate_schedule(spec, total_steps), rows, opt_shardings, train_step,
-            eval_step,
+            eval_step, objective,
         )
 
     def abstract_trained(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -92,7 +105,7 @@ class RunPrograms:
     def abstract_batch(self, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {
             name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=self.batch_sharding)
-            for name, dtype in ROW_FIELDS.items()
+            for name, dtype in {**ROW_FIELDS, **self.objective.fields}.items()
         }
 
     def export_gathers(self, dtype: str) -> dict[str, tuple[Callable, tuple]]:

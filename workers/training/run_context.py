@@ -12,6 +12,7 @@ from raysft.data.store import RowStore
 from raysft.workers.runtime.watchdog import Watchdog
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
+from raysft.workers.training.batches import global_batch
 from raysft.workers.training.trainable import TrainableSet, for_run
 
 
@@ -25,6 +26,12 @@ class RunContext:
     steps_per_epoch: int
     total_steps: int
     watchdog: Watchdog
+    # A preference run's reference log-probabilities by store path (`references`), once computed.
+    references: dict = dataclasses.field(default_factory=dict)
+
+    def batch(self, store: RowStore, rows, sharding) -> dict:
+        """The global batch of `rows` of `store`, with its reference log-probabilities if any."""
+        return global_batch(store, rows, sharding, self.references.get(str(store.path)))
 
     @classmethod
     def open(cls, spec: TrainSpec, watchdog: Watchdog) -> "RunContext":

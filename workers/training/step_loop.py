@@ -11,9 +11,9 @@ import numpy as np
 
 from raysft.workers.checkpoints.checkpoint import Checkpoints, SavePolicy
 from raysft.workers.runtime.preemption import Preempted, PreemptionNotice
-from raysft.workers.training.batches import global_batch
 from raysft.workers.training.evaluation import Evaluator
 from raysft.workers.training.flops import mesh_peak_flops, model_flops
+from raysft.workers.training.preference import PREFERENCE_METRICS
 from raysft.workers.training.router_loss import ROUTING_METRICS
 from raysft.workers.training.run_context import RunContext
 from raysft.workers.training.train_state import TrainState, checkpoint_meta
@@ -62,7 +62,7 @@ def step_record(run: RunContext, state: TrainState, step: int, metrics: dict, wi
         "supervised_tokens": float(metrics["supervised_tokens"]),
         "padding_fraction": float(metrics["padding_fraction"]),
         **window.rates(),
-        **{key: float(metrics[key]) for key in ROUTING_METRICS if key in metrics},
+        **{key: float(metrics[key]) for key in (*ROUTING_METRICS, *PREFERENCE_METRICS) if key in metrics},
     }
 
 
@@ -83,8 +83,7 @@ def run_steps(run: RunContext, state: TrainState, ckpts: Checkpoints, evaluate: 
             state = state.unfreeze(run, step)
             run.publish({"event": "unfreeze", "step": step, "trainable_parameters": trainable.trainable_count(step),
                          "total_parameters": trainable.total})
-        batch = global_batch(store, store.step_rows(spec.seed, step, spec.total_batch_size),
-                             state.programs.batch_sharding)
+        batch = run.batch(store, store.step_rows(spec.seed, step, spec.total_batch_size), state.programs.batch_sharding)
         state.params, state.opt_state, metrics = state.programs.train_step(
             state.params, state.opt_state, batch, state.frozen, np.int32(step))
         window.add(metrics)

@@ -1,6 +1,7 @@
 """The function every host runs under Ray Train: join the worker group, restore or load,
 train, export. Each phase is a module of its own: `run_context` (model, data, stages),
-`train_state` (restore or initialise, unfreeze), `evaluation`, `step_loop`, `finish`."""
+`train_state` (restore or initialise, unfreeze), `references` (a preference run's reference
+log-probabilities), `evaluation`, `step_loop`, `finish`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     from raysft.workers.checkpoints.checkpoint import Checkpoints
     from raysft.workers.training.evaluation import Evaluator
     from raysft.workers.training.finish import finish
+    from raysft.workers.training.references import compute_references
     from raysft.workers.training.run_context import RunContext
     from raysft.workers.training.step_loop import run_steps
     from raysft.workers.training.train_state import restore_or_init
@@ -23,6 +25,12 @@ def train_loop_per_worker(spec_fields: dict) -> None:
     watchdog.progress("loading the model or restoring the latest checkpoint")
     ckpts = Checkpoints(spec.checkpoint_dir, spec.save_total_limit)
     state, start_step, param_bytes_read = restore_or_init(run, ckpts)
+    if state.programs.objective.fields:
+        watchdog.progress("computing the reference log-probabilities", spec.startup_timeout_s)
+        run.references.update(compute_references(
+            spec, run.model, state.programs, [run.store, *run.eval_stores.values()],
+            lambda: state.everything() if start_step == 0 else run.model.initial_params(spec)[0],
+            lambda message: run.publish({"event": "note", "message": message})))
     evaluate = Evaluator(run, state.programs)
 
     watchdog.progress("evaluating", spec.startup_timeout_s)

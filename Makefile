@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # and about half of a short run's time. What the suite imports caches ~170 MB.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test bench clean
+.PHONY: demo dpo test bench clean
 
 # `make demo` installs what the demo and the README's "Try it" commands use; `make test`
 # adds the test references (torch's models, PEFT, TRL, an S3 server) on top.
@@ -30,6 +30,10 @@ $(VENV)/.test-installed: $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/demo.py
+
+# DPO on the demo's fine-tuned model (run `make demo` first; else the base model).
+dpo: $(VENV)/.demo-installed
+	$(BIN)/python examples/dpo.py
 
 # One test process: the multi-node tests start a dozen Ray processes each, which Ray runs
 # at low priority, so a second test process beside them (tried with pytest-xdist) starved

@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHMARKS = [
-    "model_step.py", "moe_step.py", "train_throughput.py", "xla_cpu_options.py", "step_profile.py", "attention.py",
+    "model_step.py", "moe_step.py", "dpo_step.py", "train_throughput.py", "xla_cpu_options.py", "step_profile.py", "attention.py",
     "loss_head.py", "trainer_throughput.py", "lora_step.py", "quantized_base_loss.py", "generation.py", "data_pipeline.py",
     "recovery.py",
 ]

@@ -30,6 +30,7 @@ from raysft.data.stall import DEFAULT_TIMEOUT_S
 from raysft.data.store import META_FILE, RowStore
 from raysft.data.tokenize import encode_rows
 from raysft.storage.credentials import Credentials
+from raysft.storage.errors import DataError
 from raysft.storage.locations import is_object_storage, local_copy, location, make_dir, remove_tree
 
 CHAT_FORMATS = ("messages", "sharegpt")
@@ -173,6 +174,10 @@ def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func
         "text" if formatting_func else detect_format(src.columns, settings.text_field, settings.dataset_format, src.name)
         for src in srcs
     ]
+    for src, fmt in zip(srcs, formats):  # a preference run forces its format, so only SFT can meet pairs
+        if fmt == "preference" and not settings.pairs:
+            raise DataError(f"{src.name}: preference rows (chosen, rejected) train with DPOTrainer (raysft dpo); "
+                            "SFT takes text, instruction, prompt/completion, messages or token rows")
     chats = [src for src, fmt in zip(srcs, formats) if fmt in CHAT_FORMATS]
     if chats:
         from transformers import AutoTokenizer

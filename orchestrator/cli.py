@@ -1,5 +1,5 @@
 """`raysft sft` (also `python -m raysft.orchestrator.sft`): the seed's command line, via
-pydantic-settings; `raysft preprocess`: prepare the data and show the loss masks;
+pydantic-settings; `raysft dpo`: preference tuning with DPOConfig's flags; `raysft preprocess`: prepare the data and show the loss masks;
 `raysft plan`: will the run fit its TPU slice (compiled for it, no TPU needed);
 `raysft export`: write any checkpoint of a run in the Hugging Face layout;
 `raysft generate` / `raysft chat`: answers from a model or a run's checkpoint."""
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from raysft.orchestrator.config import DType, SFTConfig, read_yaml
+from raysft.orchestrator.config import SFTConfig, read_yaml
+from raysft.orchestrator.config_groups import DType
+from raysft.orchestrator.dpo_config import DPOConfig
 
 # What to run on, and how to show it: flags, or keys of the --config file; not SFTConfig fields.
-_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "verbose", "show", "estimate", "search")
+_LAUNCH_FIELDS = ("repo_id", "dataset_name", "eval_dataset_name", "quiet", "verbose", "show", "estimate", "search",
+                  "objective")
 
 
 class SFTCommand(BaseSettings, SFTConfig):
@@ -44,6 +47,7 @@ class SFTCommand(BaseSettings, SFTConfig):
                           "else it goes to <save_directory>/<model_name>/logs/ray.log.")
 
     required: ClassVar[tuple[str, ...]] = ("repo_id", "dataset_name")
+    config_class: ClassVar[type[SFTConfig]] = SFTConfig
 
     def resolve(self) -> tuple[SFTConfig, dict]:
         """(the run's SFTConfig, the launch values): the --config file, then the flags over it."""
@@ -53,7 +57,15 @@ class SFTCommand(BaseSettings, SFTConfig):
         for name in self.required:
             if not launch[name]:
                 raise ValueError(f"--{name} is required (a flag, or a key of the --config file)")
-        return SFTConfig(**values), launch
+        return self.config_class(**values), launch
+
+
+class DPOCommand(SFTCommand, DPOConfig):
+    """Preference-tune a model (DPO, IPO, hinge, SimPO, ORPO): every DPOConfig field is a
+    flag; --config loads a YAML first; --dataset_name holds prompt/chosen/rejected rows."""
+
+    model_config = SettingsConfigDict(cli_prog_name="raysft dpo")
+    config_class: ClassVar[type[SFTConfig]] = DPOConfig
 
 
 class PreprocessCommand(SFTCommand):
@@ -77,6 +89,13 @@ class PlanCommand(SFTCommand):
 
     estimate: bool = Field(True, description="Also estimate the step time from the compiler's cost model (2 more compiles).")
     search: bool = Field(True, description="When it does not fit, compile candidate changes to find the smallest that fits.")
+    objective: Literal["sft", "dpo"] = Field("sft", description="dpo: plan a `raysft dpo` run (DPOConfig's flags), "
+                                             "its step on paired rows.")
+
+
+class DPOPlanCommand(PlanCommand, DPOConfig):
+    model_config = SettingsConfigDict(cli_prog_name="raysft plan --objective dpo")
+    config_class: ClassVar[type[SFTConfig]] = DPOConfig
 
 
 class ExportCommand(BaseSettings):
@@ -192,9 +211,10 @@ def validation_line(err: ValidationError) -> str:
 
 
 def _trainer(config: SFTConfig, launch: dict):
+    from raysft.orchestrator.dpo import DPOTrainer
     from raysft.orchestrator.trainer import SFTTrainer
 
-    return SFTTrainer(
+    return (DPOTrainer if isinstance(config, DPOConfig) else SFTTrainer)(
         arguments=config,
         model=launch["repo_id"],
         train_dataset=launch["dataset_name"],
@@ -211,6 +231,21 @@ def run_sft(argv: list[str]) -> int:
         return 0
 
     return _one_line_errors("raysft sft", run)
+
+
+def run_dpo(argv: list[str]) -> int:
+    def run() -> int:
+        config, launch = CliApp.run(DPOCommand, cli_args=accept_bare_bool_flags(argv, DPOCommand)).resolve()
+        print(f"exported: {_trainer(config, launch).train().export_dir}")
+        return 0
+
+    return _one_line_errors("raysft dpo", run)
+
+
+def _plans_dpo(argv: list[str]) -> bool:
+    """`--objective dpo` (or `=dpo`) among the flags: DPOConfig's flags apply."""
+    return any(arg == "--objective=dpo" or (arg == "--objective" and nxt == "dpo")
+               for arg, nxt in zip(argv, [*argv[1:], ""]))
 
 
 def run_preprocess(argv: list[str]) -> int:
@@ -236,7 +271,8 @@ def run_plan(argv: list[str]) -> int:
     def run() -> int:
         from raysft.orchestrator.plan import plan
 
-        config, launch = CliApp.run(PlanCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
+        command = DPOPlanCommand if _plans_dpo(argv) else PlanCommand
+        config, launch = CliApp.run(command, cli_args=accept_bare_bool_flags(argv, command)).resolve()
         progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         result = plan(
             config, launch["repo_id"], evaluate=bool(launch["eval_dataset_name"]), estimate=False,
@@ -343,7 +379,7 @@ def run_chat(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "sft": run_sft, "preprocess": run_preprocess, "plan": run_plan, "export": run_export,
+    "sft": run_sft, "dpo": run_dpo, "preprocess": run_preprocess, "plan": run_plan, "export": run_export,
     "generate": run_generate, "chat": run_chat,
 }
 
@@ -352,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: raysft {sft,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]\n"
-            "       raysft plan [--help] [--config FILE.yaml] --repo_id MODEL --tpu_type v5p-16 [flags]\n"
+            "usage: raysft {sft,dpo,preprocess} [--help] [--config FILE.yaml] --repo_id MODEL --dataset_name DATA [flags]\n"
+            "       raysft plan [--help] [--objective dpo] [--config FILE.yaml] --repo_id MODEL --tpu_type v5p-16 [flags]\n"
             "       raysft export [--help] --run_dir DIR [--step N] [--output_dir DIR] [--export_dtype bfloat16]\n"
             "       raysft generate [--help] --model MODEL|RUN_DIR [--step N] (--prompt TEXT | --prompts_file F.jsonl) [flags]\n"
             "       raysft chat [--help] --model MODEL|RUN_DIR [--step N] [--system TEXT] [flags]",

@@ -7,7 +7,7 @@ import os
 from etils import epath
 
 from raysft.orchestrator.cluster import connect
-from raysft.orchestrator.config import DType
+from raysft.orchestrator.config_groups import DType
 from raysft.orchestrator.node_checks import check_every_node
 from raysft.orchestrator.restarts import classify
 from raysft.orchestrator.run_record import RunRecord

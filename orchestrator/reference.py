@@ -1,4 +1,4 @@
-"""The config reference in the docs, generated from `SFTConfig` itself.
+"""The config reference in the docs, generated from `SFTConfig` and `DPOConfig` themselves.
 
     python -m raysft.orchestrator.reference > docs/config.md
 """
@@ -13,6 +13,7 @@ import typing
 from pydantic_core import PydanticUndefined
 
 from raysft.orchestrator.config import SFTConfig
+from raysft.orchestrator.dpo_config import DPOConfig
 
 
 def _type(annotation) -> str:
@@ -53,8 +54,26 @@ def markdown() -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, field in SFTConfig.model_fields.items():
-        lines.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {field.description or ''} |")
+        lines.append(_row(name, field))
+    lines += [
+        "",
+        "# DPOConfig reference",
+        "",
+        "`DPOConfig` (`raysft dpo`) has every field above with the same meaning, and these (new, or with",
+        "another default). `max_sequence_length`, the row length, defaults to 2 x `max_length`.",
+        "",
+        "| field | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in DPOConfig.model_fields.items():
+        sft = SFTConfig.model_fields.get(name)
+        if sft is None or _row(name, sft) != _row(name, field):
+            lines.append(_row(name, field))
     return "\n".join(lines) + "\n"
+
+
+def _row(name: str, field) -> str:
+    return f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {field.description or ''} |"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The run report: `report/metrics.jsonl`, `report/summary.json`, PNG plots of the train
-and eval loss, the learning rate and tokens/s against the step, and with eval prompts
+and eval loss, the learning rate and tokens/s against the step (a preference run's rewards
+and reward accuracy too), and with eval prompts
 the answers at every eval (`generations.jsonl`, and `generations.md` to read)."""
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def write_report(report_dir: Path, records: list[dict[str, Any]], summary: dict[
 def plots(records: list[dict[str, Any]]) -> dict[str, tuple[str, list[tuple[str, str, str]]]]:
     """PLOTS, with the per-source eval losses of an eval_dataset dict on the loss plot."""
     sources = sorted({key for r in records if r["event"] == "eval" for key in r if key.startswith("eval_loss/")})
-    return dict(PLOTS, **{"loss.png": ("loss", PLOTS["loss.png"][1] + [("eval", key, key) for key in sources])})
+    out = dict(PLOTS, **{"loss.png": ("loss", PLOTS["loss.png"][1] + [("eval", key, key) for key in sources])})
+    if any("rewards/accuracies" in r for r in records):  # a preference run: TRL's reward curves
+        out["rewards.png"] = ("reward", [(event, f"rewards/{key}", f"{label} {key}") for event, label in
+                                         (("step", "train"), ("eval", "eval")) for key in ("chosen", "rejected", "margins")])
+        out["reward_accuracy.png"] = ("reward accuracy", [("step", "rewards/accuracies", "train"),
+                                                          ("eval", "rewards/accuracies", "eval")])
+    return out
 
 
 def _last_per_step(records: list[dict]) -> list[dict]:

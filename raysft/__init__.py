@@ -15,13 +15,13 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "orchestrator" / "_
 # The public names load on first use, so a Ray task or actor that imports one data module
 # (tokenizing, reading, writing rows) does not pay for JAX, Flax and the models.
 _EXPORTS = {
-    "Optimizers": "raysft.orchestrator.config", "Schedulers": "raysft.orchestrator.config",
+    "Optimizers": "raysft.orchestrator.config_groups", "Schedulers": "raysft.orchestrator.config_groups",
     "SFTConfig": "raysft.orchestrator.config", "ExportFailed": "raysft.orchestrator.export",
     "export_checkpoint": "raysft.orchestrator.export", "DoesNotFit": "raysft.orchestrator.plan",
     "Plan": "raysft.orchestrator.plan", "plan": "raysft.orchestrator.plan", "SFTTrainer": "raysft.orchestrator.trainer",
     "TrainingFailed": "raysft.orchestrator.trainer", "TrainOutput": "raysft.orchestrator.trainer",
     "AutoModelForCausalLM": "raysft.workers.models.auto", "CausalLM": "raysft.workers.models.auto",
-    "DPOConfig": "raysft.orchestrator.dpo", "DPOTrainer": "raysft.orchestrator.dpo",
+    "DPOConfig": "raysft.orchestrator.dpo_config", "DPOTrainer": "raysft.orchestrator.dpo",
 }
 # EasyDeL's names for the same things, so code written for it runs with `import raysft as ed`.
 _ALIASES = {

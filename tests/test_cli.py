@@ -278,3 +278,21 @@ def test_quiet_progress_keeps_the_lines_logs_need(local_ray, capsys, monkeypatch
         assert "restart: restart 1/3 (failure) after rank 1" in out.out
         assert ("step     1  loss 2.0000" in out.out) is not quiet
         assert ("train:" in out.err) is (terminal and not quiet)  # the tqdm bar, on a terminal only
+
+
+def test_dpo_command_line_parses_trl_names(tmp_path, capsys):
+    from raysft.orchestrator.cli import DPOCommand
+    from raysft.orchestrator.dpo_config import DPOConfig
+
+    argv = ("--repo_id m --dataset_name trl-lib/ultrafeedback_binarized --beta 0.05 --loss_type ipo "
+            "--max_length 512 --max_prompt_length 128 --label_smoothing 0.1 --reference_free").split()
+    cfg, launch = CliApp.run(DPOCommand, cli_args=accept_bare_bool_flags(argv, DPOCommand)).resolve()
+    assert isinstance(cfg, DPOConfig) and launch["dataset_name"] == "trl-lib/ultrafeedback_binarized"
+    assert (cfg.beta, cfg.loss_type, cfg.max_prompt_length, cfg.label_smoothing, cfg.reference_free) == (
+        0.05, "ipo", 128, 0.1, True)
+    assert cfg.max_sequence_length == 1024 and cfg.packing  # a row holds a pair's two sequences
+    settings = cfg.data_settings(cfg.packing)
+    assert (settings.dataset_format, settings.max_length, settings.max_prompt_length) == ("preference", 512, 128)
+    assert main(["dpo", "--repo_id", "m", "--dataset_name", "d", "--precompute_ref_log_probs", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "raysft dpo: " in err and "always precomputes" in err and err.count("\n") == 1, err

@@ -80,10 +80,13 @@ def test_example_configs_load_and_name_their_own_command(path):
     if yaml.safe_load(text).get("kind") == "RayCluster":  # a KubeRay manifest, checked with the TPU tests
         return
     launch = {"dataset_name", "eval_dataset_name", "repo_id"}  # `raysft sft --config` keys, not SFTConfig's
-    cfg = rs.SFTConfig(**{k: v for k, v in read_yaml(path).items() if k not in launch})
+    config_class = rs.DPOConfig if path.name.startswith("dpo") else rs.SFTConfig
+    cfg = config_class(**{k: v for k, v in read_yaml(path).items() if k not in launch})
     if cfg.backend == "tpu":
         assert cfg.tpu_slice.num_workers == cfg.hosts > 1
-    if path.name != "demo.yaml":  # the header's submit command uses this very file
+    if path.name in ("demo.yaml", "dpo.yaml"):  # read by examples/demo.py and examples/dpo.py
+        assert f"make {path.stem}" in text
+    else:
         assert f"raysft sft --config examples/{path.name}" in text
 
 

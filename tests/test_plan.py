@@ -184,3 +184,26 @@ def test_an_unknown_chip_skips_the_pre_training_check_with_a_warning(config_dir,
         "raysft: warning: not checking that the run fits v6e-4 (TPU generation 'v6e' has no memory figures in "
         "raysft; known: v2, v3, v4, v5litepod, v5e, v5p, v7x)\n"
     )
+
+
+@needs_libtpu
+def test_plan_of_a_dpo_run_compiles_the_policy_step_on_paired_rows(config_dir, capsys):
+    """`raysft plan --objective dpo`: DPOConfig's flags, rows of 2 x max_length tokens
+    holding the reference log-probabilities beside the tokens; no reference model in memory."""
+    code = main(["plan", "--objective", "dpo", "--repo_id", str(config_dir), "--tpu_type", "v5p-8", "--dtype", "bfloat16",
+                 "--scan_layers", "true", "--total_batch_size", "8", "--max_length", "256", "--beta", "0.2",
+                 "--estimate", "false"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "fits: " in out
+    config = rs.DPOConfig(tpu_type="v5p-8", dtype="bfloat16", scan_layers=True, total_batch_size=8, max_length=256)
+    assert config.max_sequence_length == 512
+    spec = plan_spec(config, config_dir)
+    assert spec.preference == {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5,
+                               "reference_free": False}
+    sft = plan_spec(SFTConfig(tpu_type="v5p-8", dtype="bfloat16", scan_layers=True, total_batch_size=8,
+                              max_sequence_length=512), config_dir)
+    devices = config.tpu_slice.compile_devices()
+    dpo_run, sft_run = (CompiledRun.compile(s, devices, with_eval=False, with_export=False) for s in (spec, sft))
+    # The same parameters, gradients and optimizer state: the reference is rows, not a model.
+    assert dpo_run.train.argument == pytest.approx(sft_run.train.argument, rel=0.01)

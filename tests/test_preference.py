@@ -44,7 +44,7 @@ def _ours(model_dir):
     return layout, params
 
 
-def _trl(model_dir, reference_dir, tmp_path, loss_type: str):
+def _trl(model_dir, reference_dir, tmp_path, loss_type: str, pairs=PAIRS):
     """TRL's DPOTrainer with its loss, metrics and policy gradient on the collated PAIRS."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,11 +53,11 @@ def _trl(model_dir, reference_dir, tmp_path, loss_type: str):
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
     args = DPOConfig(output_dir=str(tmp_path), loss_type=[loss_type], beta=0.3, report_to=[], use_cpu=True,
-                     bf16=False, max_length=64, per_device_train_batch_size=len(PAIRS))
+                     bf16=False, max_length=64, per_device_train_batch_size=len(pairs))
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args,
-                         train_dataset=datasets.Dataset.from_list(PAIRS),
+                         train_dataset=datasets.Dataset.from_list(pairs),
                          processing_class=AutoTokenizer.from_pretrained(model_dir))
-    examples = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    examples = [trainer.train_dataset[i] for i in range(len(pairs))]
     batch = trainer.data_collator(examples)
     policy.train()
     loss = trainer.compute_loss(policy, batch)
@@ -67,15 +67,16 @@ def _trl(model_dir, reference_dir, tmp_path, loss_type: str):
     return examples, float(loss), metrics, grads
 
 
-def _packed_rows(examples):
-    """Pair 0 in row 0; pairs 1 and 2 side by side in row 1: chosen, rejected, chosen, rejected."""
+def _rows(groups):
+    """One row per group of TRL-tokenized pairs, each pair's chosen then rejected sequence
+    as segments of their own."""
     length = lambda ex: 2 * len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"])  # noqa: E731
-    seq_len = -(-max(length(examples[0]), length(examples[1]) + length(examples[2])) // 8) * 8
-    rows = {k: np.zeros((2, seq_len), dtype) for k, dtype in
+    seq_len = -(-max(sum(map(length, group)) for group in groups) // 8) * 8
+    rows = {k: np.zeros((len(groups), seq_len), dtype) for k, dtype in
             (("input_ids", np.int32), ("segment_ids", np.int32), ("positions", np.int32), ("loss_weights", np.float32))}
-    for row, pairs in ((0, [examples[0]]), (1, examples[1:])):
+    for row, group in enumerate(groups):
         col, segment = 0, 1
-        for ex in pairs:
+        for ex in group:
             for completion in (ex["chosen_ids"], ex["rejected_ids"]):
                 ids = ex["prompt_ids"] + completion
                 n = len(ids)
@@ -84,7 +85,7 @@ def _packed_rows(examples):
                 rows["positions"][row, col : col + n] = np.arange(n)
                 rows["loss_weights"][row, col + len(ex["prompt_ids"]) : col + n] = 1.0
                 col, segment = col + n, segment + 1
-    return rows
+    return {k: jnp.asarray(v) for k, v in rows.items()}
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
@@ -93,7 +94,7 @@ def test_dpo_loss_metrics_and_gradient_match_trl(tmp_path, tiny_model_dir, refer
     layout, params = _ours(tiny_model_dir)
     _, reference_params = _ours(reference_dir)
     objective = Preference(PreferenceSettings(loss_type=loss_type, beta=0.3), loss_chunk_size=8)
-    batch = {k: jnp.asarray(v) for k, v in _packed_rows(examples).items()}
+    batch = _rows([[examples[0]], examples[1:]])  # pairs 1 and 2 share a row
     batch[REFERENCE_FIELD] = objective.reference_log_probs(layout.bind(reference_params), batch)
     grads, sums = jax.jit(make_gradient_fn(layout, objective=objective, gradient_accumulation_steps=2))(params, batch)
     metrics = objective.metrics(sums)
@@ -231,25 +232,177 @@ def _trl_run_losses(model_dir, tmp_path, loss_type: str, pairs: list[dict], step
     return losses
 
 
-@pytest.mark.parametrize("loss_type, hosts, accumulation", [("sigmoid", 1, 1), ("ipo", 2, 2)])
-def test_dpo_trainer_matches_trl_step_for_step(local_ray, tmp_path, tiny_model_dir, loss_type, hosts, accumulation):
-    """One pair per row, so a step is TRL's full batch; on 2 hosts in 2 micro-batches too."""
+DPO_PAIRS = PAIRS + [{"prompt": "hello", "chosen": " world.", "rejected": " there, friend."}]
+DPO_STEPS = 4
+
+
+def _dpo_config(save_directory, loss_type="sigmoid", **overrides):
     import raysft as rs
+
+    return rs.DPOConfig(**{
+        **dict(model_name="dpo", save_directory=str(save_directory), loss_type=loss_type, beta=0.3, max_length=64,
+               packing=False, total_batch_size=len(DPO_PAIRS), num_train_epochs=DPO_STEPS, learning_rate=1e-2,
+               scheduler="none", weight_decay=0.0, clip_grad=None, log_steps=1, num_hosts=2),
+        **overrides})
+
+
+def _train_dpo(config, model_dir, data, interrupt=None):
+    """`rs.DPOTrainer(...).train()`; `interrupt(run_dir)` runs beside it on this thread."""
+    import threading
+
+    import raysft as rs
+
+    result = {}
+
+    def run():
+        try:
+            result["out"] = rs.DPOTrainer(config, model_dir, train_dataset=data, eval_dataset=data, quiet=True).train()
+        except BaseException as err:  # noqa: BLE001  (reported below)
+            result["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    if interrupt:
+        interrupt(config.run_dir, thread)
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(local_ray, tmp_path_factory, tiny_model_dir):
+    """DPO (sigmoid) on 2 hosts, one pair per row: a step is TRL's full batch of 4 pairs."""
     from conftest import write_jsonl
 
-    pairs, steps = PAIRS + [{"prompt": "hello", "chosen": " world.", "rejected": " there, friend."}], 4
-    reference = _trl_run_losses(tiny_model_dir, tmp_path / "trl", loss_type, pairs, steps)
-    config = rs.DPOConfig(
-        model_name="dpo", save_directory=str(tmp_path / "runs"), loss_type=loss_type, beta=0.3, max_length=64,
-        packing=False, total_batch_size=len(pairs), num_train_epochs=steps, learning_rate=1e-2, scheduler="none",
-        weight_decay=0.0, clip_grad=None, log_steps=1, num_hosts=hosts, gradient_accumulation_steps=accumulation,
-    )
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    out = rs.DPOTrainer(config, tiny_model_dir, train_dataset=data, eval_dataset=data, quiet=True).train()
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = write_jsonl(tmp / "pairs.jsonl", DPO_PAIRS)
+    return data, _train_dpo(_dpo_config(tmp / "runs"), tiny_model_dir, data)
+
+
+def test_dpo_trainer_matches_trl_step_for_step(dpo_run, tmp_path, tiny_model_dir):
+    """`rs.DPOTrainer` on 2 hosts: TRL's per-step losses within 1e-4, and the rewards rise."""
+    reference = _trl_run_losses(tiny_model_dir, tmp_path / "trl", "sigmoid", DPO_PAIRS, DPO_STEPS)
+    _, out = dpo_run
     records = [r for r in out.metrics if r["event"] == "step"]
     np.testing.assert_allclose([r["loss"] for r in records], reference, atol=1e-4, rtol=0)
     assert records[-1]["loss"] < records[0]["loss"] - 0.05  # it trained
     assert records[-1]["rewards/accuracies"] == 1.0 and records[-1]["rewards/margins"] > records[0]["rewards/margins"]
     evals = [r for r in out.metrics if r["event"] == "eval"]
-    assert evals[-1]["rewards/accuracies"] == 1.0 and evals[-1]["loss"] < evals[0]["loss"]
+    assert evals[-1]["rewards/accuracies"] == 1.0 and evals[-1]["loss"] < out.summary["eval_start"]["loss"]
+    assert out.summary["eval_start"]["rewards/accuracies"] == 0.0  # the policy starts as the reference
     assert out.summary["eval_loss_end"] == evals[-1]["loss"]
+    assert (out.run_dir / "report" / "reward_accuracy.png").is_file()
+
+
+def test_ipo_steps_match_trl_in_micro_batches(tmp_path, tiny_model_dir):
+    """The jitted step (2 micro-batches, AdamW) on TRL's tokenized pairs, one pair per row:
+    TRL's per-step IPO losses within 1e-4."""
+    import optax
+
+    from raysft.workers.training.step import make_train_step
+
+    reference = _trl_run_losses(tiny_model_dir, tmp_path / "trl", "ipo", DPO_PAIRS, DPO_STEPS)
+    examples, *_ = _trl(tiny_model_dir, tiny_model_dir, tmp_path / "tokenized", "ipo", DPO_PAIRS)
+    batch = _rows([[example] for example in examples])
+    layout, params = _ours(tiny_model_dir)
+    objective = Preference(PreferenceSettings(loss_type="ipo", beta=0.3), loss_chunk_size=8)
+    batch[REFERENCE_FIELD] = objective.reference_log_probs(layout.bind(params), batch)
+    optimizer = optax.adamw(1e-2, weight_decay=0.0)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    step = make_train_step(layout, optimizer, (device, device), gradient_accumulation_steps=2, objective=objective)
+    opt_state, losses = optimizer.init(params), []
+    for i in range(DPO_STEPS):
+        params, opt_state, metrics = step(params, opt_state, batch, {}, i)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, reference, atol=1e-4, rtol=0)
+
+
+def test_killed_worker_resumes_dpo_bit_identical_reusing_the_reference(dpo_run, tmp_path, tiny_model_dir):
+    """A training worker killed after the checkpoint of step 2: the run resumes there, reads
+    the stored reference log-probabilities instead of computing them again, and ends with
+    the uninterrupted run's weights, bit for bit."""
+    import os
+    import signal
+    import time
+
+    from safetensors.numpy import load_file
+
+    from raysft.orchestrator.export import checkpoint_steps
+
+    data, base = dpo_run
+
+    def kill_after_step_2(run_dir, thread):
+        while thread.is_alive() and not any(s >= 2 for s in checkpoint_steps(run_dir)):
+            time.sleep(0.05)
+        from ray.util.state import list_actors
+
+        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                          detail=True)]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+
+    out = _train_dpo(_dpo_config(tmp_path / "runs", save_steps=1, max_restarts=1), tiny_model_dir, data,
+                     kill_after_step_2)
+    starts = [r["start_step"] for r in out.metrics if r["event"] == "start"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 2, starts
+    assert [r["kind"] for r in out.metrics if r["event"] == "restart"] == ["failure"]
+    computed = [r for r in out.metrics if r["event"] == "note" and "reference log-probabilities" in r["message"]]
+    assert len(computed) == 1  # the first attempt's; the second read them
+    losses = {r["step"]: r["loss"] for r in out.metrics if r["event"] == "step"}
+    assert [losses[s] for s in sorted(losses)] == [r["loss"] for r in base.metrics if r["event"] == "step"]
+    ours, theirs = (load_file(next(o.export_dir.glob("*.safetensors"))) for o in (out, base))
+    for name in theirs:
+        assert np.array_equal(ours[name].view(np.uint32), theirs[name].view(np.uint32)), name
+
+
+def _random_pair_rows(rows=8, seq_len=48, vocab=97, seed=0):
+    """Rows holding 0 to 3 pairs of random lengths (prompt 2-5, completions 1-6 tokens)."""
+    rng = np.random.default_rng(seed)
+    batch = {k: np.zeros((rows, seq_len), dtype) for k, dtype in
+             (("input_ids", np.int32), ("segment_ids", np.int32), ("positions", np.int32), ("loss_weights", np.float32))}
+    for r in range(rows):
+        col, segment = 0, 1
+        for _ in range(rng.integers(0, 4)):
+            prompt = rng.integers(0, vocab, rng.integers(2, 6))
+            completions = [rng.integers(0, vocab, rng.integers(1, 7)) for _ in range(2)]
+            if col + 2 * len(prompt) + sum(map(len, completions)) > seq_len:
+                break
+            for completion in completions:
+                n = len(prompt) + len(completion)
+                batch["input_ids"][r, col : col + n] = np.r_[prompt, completion]
+                batch["segment_ids"][r, col : col + n] = segment
+                batch["positions"][r, col : col + n] = np.arange(n)
+                batch["loss_weights"][r, col + len(prompt) : col + n] = 1.0
+                col, segment = col + n, segment + 1
+    batch[REFERENCE_FIELD] = -rng.uniform(1, 5, (rows, seq_len)).astype(np.float32) * batch["loss_weights"]
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_preference_loss_and_gradient_do_not_depend_on_accumulation_or_mesh(tmp_path, loss_type):
+    """Pairs spread unevenly over rows (an empty row too): micro-batches and a dp x fsdp
+    mesh give the one-device full-batch loss and gradient (1e-6 relative)."""
+    from raysft.workers.models.partition import param_sharding
+    from raysft.workers.runtime.mesh import batch_sharding, global_mesh
+
+    layout, params = _ours(save_tiny_model(tmp_path, 97))
+    objective = Preference(PreferenceSettings(loss_type=loss_type, beta=0.5), loss_chunk_size=16)
+    batch = _random_pair_rows()
+
+    def run(accumulation, mesh=None):
+        p, b, rows = params, batch, None
+        if mesh is not None:
+            rows = batch_sharding(mesh)
+            p = {n: jax.device_put(x, param_sharding(mesh, n, x.shape)) for n, x in params.items()}
+            b = {k: jax.device_put(v, rows) for k, v in batch.items()}
+        fn = make_gradient_fn(layout, gradient_accumulation_steps=accumulation, batch_sharding=rows, objective=objective)
+        grads, sums = jax.jit(fn)(p, b)
+        return {n: np.asarray(g) for n, g in grads.items()}, float(objective.metrics(sums)["loss"])
+
+    whole, loss = run(1)
+    for accumulation, mesh in ((4, None), (2, global_mesh(dp=2, fsdp=2))):
+        grads, other = run(accumulation, mesh)
+        assert other == pytest.approx(loss, rel=1e-6)
+        for name in whole:
+            np.testing.assert_allclose(grads[name], whole[name], atol=1e-6 * np.abs(whole[name]).max(), rtol=0,
+                                       err_msg=name)

@@ -38,6 +38,7 @@ def finish(run: RunContext, state: TrainState, ckpts: Checkpoints, evaluate: Eva
         "train_loss": last_loss,
         "eval_loss_start": eval_start and eval_start.get("loss"),
         "eval_loss_end": eval_end and eval_end.get("loss"),
+        "eval_start": eval_start,
         "eval_end": eval_end,
         "eval_exact_match_start": eval_start and eval_start.get("exact_match"),
         "eval_exact_match_end": eval_end and eval_end.get("exact_match"),

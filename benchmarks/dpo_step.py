@@ -3,7 +3,8 @@
 Both have the reference's log-probabilities precomputed (TRL's `precompute_ref_log_probs`,
 raysft's always), so a step is the policy's forward and backward on the chosen and rejected
 sequences and an AdamW update. raysft packs a pair's two sequences into one row; TRL pads
-them as two. Measured in one run and printed as a ratio:
+them as two. Also raysft's SFT step on the same rows, the cost of the sequence
+log-probabilities over the fused cross-entropy. Measured in one run and printed as ratios:
 
     python benchmarks/dpo_step.py                 # 4 pairs, prompt 128 + completions 128
     python benchmarks/dpo_step.py --pairs 8 --steps 10
@@ -50,7 +51,9 @@ def _pairs(s: Settings):
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, s.vocab_size, (s.pairs, s.prompt_len))
-    chosen, rejected = (rng.integers(3, s.vocab_size, (s.pairs, s.completion_len)) for _ in range(2))
+    # Completions end with EOS (id 2), as TRL's do once it appends the tokenizer's.
+    chosen, rejected = (np.c_[rng.integers(3, s.vocab_size, (s.pairs, s.completion_len - 1)), np.full(s.pairs, 2)]
+                        for _ in range(2))
     return prompts, chosen, rejected
 
 
@@ -65,7 +68,9 @@ def _hf_config(s: Settings):
     )
 
 
-def ours(s: Settings, prompts, chosen, rejected) -> float:
+def ours(s: Settings, prompts, chosen, rejected, objective_name: str = "dpo") -> float:
+    """Seconds per raysft step of the DPO objective (or, `objective_name` "sft", of SFT's
+    fused cross-entropy on the same rows: what the sequence log-probabilities cost)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,6 +81,7 @@ def ours(s: Settings, prompts, chosen, rejected) -> float:
     from raysft.workers.models.llama import LlamaForCausalLM
     from raysft.workers.models.params import ParamLayout
     from raysft.workers.models.runtime import ModelRuntime
+    from raysft.workers.training.objective import SFT
     from raysft.workers.training.preference import REFERENCE_FIELD, Preference, PreferenceSettings
     from raysft.workers.training.step import make_train_step
 
@@ -95,6 +101,9 @@ def ours(s: Settings, prompts, chosen, rejected) -> float:
     optimizer = optax.adamw(1e-6)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     objective = Preference(PreferenceSettings("sigmoid", 0.1), s.loss_chunk_size)
+    if objective_name == "sft":
+        objective = SFT(s.loss_chunk_size)
+        del batch[REFERENCE_FIELD]
     train_step = make_train_step(layout, optimizer, (device, device), objective=objective)
     state = {"params": params, "opt": optimizer.init(params)}
 
@@ -107,12 +116,13 @@ def ours(s: Settings, prompts, chosen, rejected) -> float:
 
 def _tokenizer(vocab_size: int):
     """A word-level tokenizer over the model's ids (TRL's trainer needs one; the batch below is already ids)."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def trl(s: Settings, prompts, chosen, rejected, out_dir: str) -> float:
@@ -126,11 +136,13 @@ def trl(s: Settings, prompts, chosen, rejected, out_dir: str) -> float:
     args = DPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, bf16=False, beta=0.1, max_length=None,
                      per_device_train_batch_size=s.pairs, precompute_ref_log_probs=True)
     words = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
-    rows = [{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
+    rows = [{"prompt": words(p), "chosen": " " + words(c[:-1]), "rejected": " " + words(r[:-1])}
             for p, c, r in zip(prompts, chosen, rejected)]
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=_tokenizer(s.vocab_size))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(s.pairs)])
+    # The same sequences as ours: prompt, completion and the EOS TRL appends.
+    assert batch["input_ids"].shape == (2 * s.pairs, s.prompt_len + s.completion_len), batch["input_ids"].shape
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
 
@@ -152,6 +164,7 @@ def main() -> None:
     s = Settings()
     prompts, chosen, rejected = _pairs(s)
     ours_s = ours(s, prompts, chosen, rejected)
+    sft_s = ours(s, prompts, chosen, rejected, "sft")
     with tempfile.TemporaryDirectory() as out_dir:
         trl_s = trl(s, prompts, chosen, rejected, out_dir)
     tokens = 2 * s.pairs * (s.prompt_len + s.completion_len)
@@ -164,6 +177,8 @@ def main() -> None:
         "raysft_tokens_per_s": round(tokens / ours_s, 1),
         "trl_tokens_per_s": round(tokens / trl_s, 1),
         "ratio_raysft_over_trl": round(trl_s / ours_s, 3),
+        "raysft_sft_step_s": round(sft_s, 4),  # the same rows under the SFT objective
+        "ratio_dpo_over_sft_step": round(sft_s / ours_s, 3),
     }, indent=2))
 
 

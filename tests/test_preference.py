@@ -3,6 +3,7 @@ tiny model and pairs (our rows pack two pairs in one row), ORPO's and SimPO's fo
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax
@@ -406,3 +407,43 @@ def test_preference_loss_and_gradient_do_not_depend_on_accumulation_or_mesh(tmp_
         for name in whole:
             np.testing.assert_allclose(grads[name], whole[name], atol=1e-6 * np.abs(whole[name]).max(), rtol=0,
                                        err_msg=name)
+
+
+def test_pair_packing_keeps_each_pair_whole_and_in_order():
+    """Against the plan's definition: every pair's chosen then rejected sequence, adjacent in
+    one row, as segments 2j+1 and 2j+2; no row over its length; every pair placed once."""
+    from raysft.data.prepare import _plan
+    from raysft.data.settings import DataSettings
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, 2 * 500)
+    for packing in (True, False):
+        p = _plan(lengths, DataSettings(seq_len=128, dataset_format="preference", packing=packing))
+        assert sorted(p.doc.tolist()) == list(range(len(lengths)))
+        assert np.all(p.doc[0::2] % 2 == 0) and np.all(p.doc[1::2] == p.doc[0::2] + 1)  # chosen, then its rejected
+        assert np.all(p.row[0::2] == p.row[1::2]) and np.all(p.col[1::2] == p.col[0::2] + p.n[0::2])
+        assert np.all(p.segment[0::2] % 2 == 1) and np.all(p.segment[1::2] == p.segment[0::2] + 1)
+        used = np.bincount(p.row, weights=p.n, minlength=p.num_rows)
+        assert used.max() <= 128
+        if packing:  # best-fit decreasing: far fewer rows than one pair each
+            assert p.num_rows < 0.6 * 500 and used.sum() / (p.num_rows * 128) > 0.9
+        else:
+            assert p.num_rows == 500
+
+
+def test_bad_preference_rows_name_file_row_and_field(local_ray, tmp_path, tokenizer_dir):
+    from raysft.data.prepare import prepare_dataset
+    from raysft.data.settings import DataSettings
+    from raysft.storage.errors import DataError
+    from conftest import write_jsonl
+
+    settings = DataSettings(seq_len=128, dataset_format="preference", max_length=64)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], {"prompt": "a", "chosen": "b"}])
+    with pytest.raises(DataError, match=f"^{bad}: row 2: missing field 'rejected'$"):
+        prepare_dataset(bad, tokenizer_dir, settings, tmp_path / "store", report=None)
+    sft = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    with pytest.raises(DataError, match="preference rows .* train with DPOTrainer"):
+        prepare_dataset(sft, tokenizer_dir, DataSettings(seq_len=128), tmp_path / "store", report=None)
+    skipped = prepare_dataset(bad, tokenizer_dir, dataclasses.replace(settings, on_bad_rows="skip"),
+                              tmp_path / "store", report=None)
+    assert skipped.meta["dropped"] == {"missing_field": 1} and skipped.num_rows == 1

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from raysft.workers.training.loss import token_loss_sums
 from raysft.workers.training.router_loss import router_terms
@@ -97,6 +96,3 @@ class SFT:
 def sft_from(loss_chunk_size=None, z_loss=0.0, router=(0.0, 0.0), objective: Objective | None = None) -> Objective:
     return objective if objective is not None else SFT(loss_chunk_size, z_loss, tuple(router))
 
-
-def extra_fields(objective: Objective | None) -> dict[str, np.dtype]:
-    return dict(objective.fields) if objective is not None else {}

@@ -13,37 +13,22 @@ log-probabilities over the fused cross-entropy. Measured in one run and printed 
 from __future__ import annotations
 
 import json
-import time
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from model_step import Settings as ModelSettings
+from model_step import hf_config, time_steps
 from raysft.workers.runtime.xla_cpu import run_as_cpu_worker
 
 
-class Settings(BaseSettings):
+class Settings(ModelSettings):
+    """model_step's W1-sized Llama, on pairs instead of rows."""
+
     model_config = SettingsConfigDict(cli_parse_args=True, cli_prog_name="dpo_step.py")
 
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    vocab_size: int = 49152
     pairs: int = 4
     prompt_len: int = 128
     completion_len: int = 128
-    warmup_steps: int = 2
-    steps: int = 5
-    loss_chunk_size: int | None = 1024
-
-
-def _time(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
 
 
 def _pairs(s: Settings):
@@ -58,14 +43,10 @@ def _pairs(s: Settings):
 
 
 def _hf_config(s: Settings):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads, tie_word_embeddings=True,
-        max_position_embeddings=s.prompt_len + s.completion_len, pad_token_id=0, eos_token_id=2,
-    )
+    """model_step's Llama for rows of one sequence, with the ids TRL's tokenizer below uses."""
+    config = hf_config(s.model_copy(update={"seq_len": s.prompt_len + s.completion_len}))
+    config.pad_token_id, config.eos_token_id = 0, 2
+    return config
 
 
 def ours(s: Settings, prompts, chosen, rejected, objective_name: str = "dpo") -> float:
@@ -111,7 +92,7 @@ def ours(s: Settings, prompts, chosen, rejected, objective_name: str = "dpo") ->
         state["params"], state["opt"], metrics = train_step(state["params"], state["opt"], batch, {}, 0)
         jax.block_until_ready(metrics["loss"])
 
-    return _time(step, s.warmup_steps, s.steps)
+    return time_steps(step, s.warmup_steps, s.steps)
 
 
 def _tokenizer(vocab_size: int):
@@ -152,7 +133,7 @@ def trl(s: Settings, prompts, chosen, rejected, out_dir: str) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _time(step, s.warmup_steps, s.steps)
+    return time_steps(step, s.warmup_steps, s.steps)
 
 
 def main() -> None:

@@ -31,12 +31,13 @@ def wandb_mode() -> str:
 
 
 def wandb_values(record: dict[str, Any]) -> dict[str, float]:
-    """What a step or eval record logs; per-source keys (`eval_loss/<name>`) keep their name."""
+    """What a step or eval record logs; per-source keys (`eval_loss/<name>`) keep their name,
+    the rest go under the record's section (`train/rewards/margins`, `eval/rewards/margins`)."""
     section = _SECTION.get(record["event"])
     if section is None:
         return {}
     return {
-        k if "/" in k else f"{section}/{k}": v
+        k if k.startswith("eval_") and "/" in k else f"{section}/{k}": v
         for k, v in record.items() if k not in _SKIP and isinstance(v, (int, float))
     }
 

@@ -1,7 +1,9 @@
-"""raysft: supervised fine-tuning of dense and mixture-of-experts language models on JAX, orchestrated by Ray.
+"""raysft: supervised and preference fine-tuning of dense and mixture-of-experts language models on JAX,
+orchestrated by Ray.
 
     import raysft as rs
     rs.SFTTrainer(arguments=rs.SFTConfig(...), model=..., train_dataset=...).train()
+    rs.DPOTrainer(arguments=rs.DPOConfig(...), model=..., train_dataset=pairs).train()
 """
 
 from pathlib import Path as _Path

@@ -447,3 +447,12 @@ def test_bad_preference_rows_name_file_row_and_field(local_ray, tmp_path, tokeni
     skipped = prepare_dataset(bad, tokenizer_dir, dataclasses.replace(settings, on_bad_rows="skip"),
                               tmp_path / "store", report=None)
     assert skipped.meta["dropped"] == {"missing_field": 1} and skipped.num_rows == 1
+
+
+def test_reward_metrics_reach_wandb_apart_for_train_and_eval():
+    from raysft.orchestrator.tracking import wandb_values
+
+    assert wandb_values({"event": "step", "step": 3, "loss": 0.6, "rewards/margins": 0.2}) == {
+        "train/loss": 0.6, "train/rewards/margins": 0.2}
+    assert wandb_values({"event": "eval", "step": 3, "rewards/margins": 0.3, "eval_loss/chat": 0.5}) == {
+        "eval/rewards/margins": 0.3, "eval_loss/chat": 0.5}

@@ -224,22 +224,21 @@ def _trainer(config: SFTConfig, launch: dict):
     )
 
 
-def run_sft(argv: list[str]) -> int:
+def _run_training(command: type[SFTCommand], argv: list[str]) -> int:
     def run() -> int:
-        config, launch = CliApp.run(SFTCommand, cli_args=accept_bare_bool_flags(argv)).resolve()
+        config, launch = CliApp.run(command, cli_args=accept_bare_bool_flags(argv, command)).resolve()
         print(f"exported: {_trainer(config, launch).train().export_dir}")
         return 0
 
-    return _one_line_errors("raysft sft", run)
+    return _one_line_errors(command.model_config["cli_prog_name"], run)
+
+
+def run_sft(argv: list[str]) -> int:
+    return _run_training(SFTCommand, argv)
 
 
 def run_dpo(argv: list[str]) -> int:
-    def run() -> int:
-        config, launch = CliApp.run(DPOCommand, cli_args=accept_bare_bool_flags(argv, DPOCommand)).resolve()
-        print(f"exported: {_trainer(config, launch).train().export_dir}")
-        return 0
-
-    return _one_line_errors("raysft dpo", run)
+    return _run_training(DPOCommand, argv)
 
 
 def _plans_dpo(argv: list[str]) -> bool:
@@ -306,48 +305,15 @@ def run_export(argv: list[str]) -> int:
     return _one_line_errors("raysft export", run)
 
 
-def read_prompts(command: GenerateCommand) -> list:
-    """The prompts as the generator takes them (`workers.generation.text_generation`)."""
-    import json
-
-    def one(value, where: str):
-        if isinstance(value, dict) and "messages" in value:
-            return {"messages": value["messages"], **({"tools": value["tools"]} if value.get("tools") else {})}
-        text = value.get("prompt") if isinstance(value, dict) else value
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: expected a string, {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
-        if command.raw:
-            return {"text": text}
-        messages = [{"role": "system", "content": command.system}] if command.system else []
-        return {"messages": messages + [{"role": "user", "content": text}]} if messages else text
-
-    if (command.prompt is None) == (command.prompts_file is None):
-        raise ValueError("give --prompt or --prompts_file (one of them)")
-    if command.prompt is not None:
-        return [one(command.prompt, "--prompt")]
-    prompts = []
-    with open(command.prompts_file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{command.prompts_file}: line {number}"
-                try:
-                    value = json.loads(line)
-                except ValueError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err})") from None
-                prompts.append(one(value, where))
-    if not prompts:
-        raise ValueError(f"{command.prompts_file}: no prompts")
-    return prompts
-
-
 def run_generate(argv: list[str]) -> int:
     def run() -> int:
         import json
 
-        from raysft.orchestrator.generate import RemoteGenerator
+        from raysft.orchestrator.generate import RemoteGenerator, read_prompts
 
         command = CliApp.run(GenerateCommand, cli_args=accept_bare_bool_flags(argv, GenerateCommand))
-        sampling, prompts = command.sampling(), read_prompts(command)
+        sampling = command.sampling()
+        prompts = read_prompts(command.prompt, command.prompts_file, command.raw, command.system)
         with _ray_logs(command.model, command.verbose):
             generator = RemoteGenerator(command.model, command.step, command.dtype, command.resources)
             warn = lambda line: print(line, file=sys.stderr)  # noqa: E731

@@ -5,6 +5,7 @@ RAY_ADDRESS, and the prompts go to it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from raysft.orchestrator.cluster import connect
@@ -125,3 +126,38 @@ def chat(generator: RemoteGenerator, sampling: SamplingParams, stop_strings: lis
         answer = generator.generate([{"messages": history}], sampling, stop_strings, truncate=True)[0]
         history.append({"role": "assistant", "content": answer})
         write(f"assistant> {answer}")
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None, raw: bool, system: str | None) -> list:
+    """`raysft generate`'s `--prompt` or `--prompts_file` (one JSON string or object a line)
+    as the generator takes them (`workers.generation.text_generation`): chat messages (with
+    `system` first) unless `raw`."""
+
+    def one(value, where: str):
+        if isinstance(value, dict) and "messages" in value:
+            return {"messages": value["messages"], **({"tools": value["tools"]} if value.get("tools") else {})}
+        text = value.get("prompt") if isinstance(value, dict) else value
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected a string, {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+        if raw:
+            return {"text": text}
+        messages = [{"role": "system", "content": system}] if system else []
+        return {"messages": messages + [{"role": "user", "content": text}]} if messages else text
+
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give --prompt or --prompts_file (one of them)")
+    if prompt is not None:
+        return [one(prompt, "--prompt")]
+    prompts = []
+    with open(prompts_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{prompts_file}: line {number}"
+                try:
+                    value = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err})") from None
+                prompts.append(one(value, where))
+    if not prompts:
+        raise ValueError(f"{prompts_file}: no prompts")
+    return prompts

@@ -98,19 +98,14 @@ def prepare_dataset(
     local_tokenizer = local_copy(tokenizer_dir)
     # The tasks read the tokenizer and write the store with the driver's credentials.
     credentials = Credentials.for_paths([store_root.as_posix(), location(tokenizer_dir).as_posix()])
-    # Set before any dataset is made: a dataset keeps the context it was made in.
-    context = ray.data.DataContext.get_current()
-    # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
-    context.raise_original_map_exception = True
-    context.execution_options.label_selector = label_selector  # our own tasks read it here too
+    _data_context(label_selector)  # before any dataset is made: a dataset keeps the context it was made in
     parts = mixture.parts(source)
     if settings.pairs and mixture.is_mixture(source):
         raise ValueError("preference data is one dataset: a mixture of preference sources is not supported")
     srcs = [sources.resolve(part.source, hub_options) for part in parts]  # datasets are made later, by `read()`
     weights = [part.weight for part in parts] if parts[0].weight is not None else None
     tokenizer_key = tokenizer_fingerprint(local_tokenizer)
-    identity = [tokenizer_key, dataclasses.asdict(settings),
-                _function_fingerprint(formatting_func), STORE_FORMAT]
+    identity = [tokenizer_key, dataclasses.asdict(settings), _function_fingerprint(formatting_func), STORE_FORMAT]
     if mixture.is_mixture(source):
         identity.append([[part.name for part in parts], weights, mixture_seed if weights else None,
                          mixture_stopping if weights else None])
@@ -139,24 +134,10 @@ def prepare_dataset(
         docs = Documents.join([(docs, index) for (docs, _), index in zip(encoded, taken)])
         stats = _mixture_stats(parts, srcs, formats, encoded, taken) if mixture.is_mixture(source) else encoded[0][1]
         stats.pop("content_hash", None)
-        placements = _plan(docs.length, settings)
+        stats["fingerprint"] = fingerprint
         store_dir = store_root / fingerprint
         rows_dir = store_dir if in_place else work
-        with _bar(placements.num_rows, "writing rows", report) as bar:
-            shard_sizes = write_row_shards(
-                placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
-                progress=bar.update if bar is not None else None, timeout_s=timeout_s, name=stats["source"],
-                credentials=credentials,
-            )
-        stats.update(
-            fingerprint=fingerprint, rows=placements.num_rows, seq_len=settings.seq_len,
-            padding_fraction=float(1 - stats["tokens"] / max(placements.num_rows * settings.seq_len, 1)),
-            packing=settings.packing_strategy if settings.packing else "none",
-        )
-        remove_tree(docs_dir)
-        (rows_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-        (rows_dir / META_FILE).write_text(json.dumps(dict(stats, num_rows=placements.num_rows, shard_rows=shard_sizes),
-                                                     indent=2))
+        _write_rows(docs, docs_dir, rows_dir, stats, settings, shard_rows, timeout_s, credentials, report)
         if not in_place and not RowStore.exists(store_dir):  # else another process finished the same store first
             shutil.rmtree(store_dir, ignore_errors=True)
             work.rename(store_dir)
@@ -165,6 +146,35 @@ def prepare_dataset(
     if report:
         report(format_stats(stats))
     return RowStore(store_dir)
+
+
+def _data_context(label_selector: dict[str, str] | None) -> None:
+    context = ray.data.DataContext.get_current()
+    # A bad row's own error (file, row, field), not Ray Data's generic wrapper.
+    context.raise_original_map_exception = True
+    context.execution_options.label_selector = label_selector  # our own tasks read it here too
+
+
+def _write_rows(docs: Documents, docs_dir: epath.Path, rows_dir: epath.Path, stats: dict, settings: DataSettings,
+                shard_rows: int | None, timeout_s: float, credentials: Credentials, report) -> None:
+    """The documents planned into rows and written as shards into `rows_dir` (`stats`
+    completed with the rows' figures), then `stats.json` and, last, the store's meta."""
+    placements = _plan(docs.length, settings)
+    with _bar(placements.num_rows, "writing rows", report) as bar:
+        shard_sizes = write_row_shards(
+            placements, docs, docs_dir, rows_dir, settings.seq_len, shard_rows or rows_per_shard(settings.seq_len),
+            progress=bar.update if bar is not None else None, timeout_s=timeout_s, name=stats["source"],
+            credentials=credentials,
+        )
+    stats.update(
+        rows=placements.num_rows, seq_len=settings.seq_len,
+        padding_fraction=float(1 - stats["tokens"] / max(placements.num_rows * settings.seq_len, 1)),
+        packing=settings.packing_strategy if settings.packing else "none",
+    )
+    remove_tree(docs_dir)
+    (rows_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    (rows_dir / META_FILE).write_text(json.dumps(dict(stats, num_rows=placements.num_rows, shard_rows=shard_sizes),
+                                                 indent=2))
 
 
 def _formats(srcs: list[sources.Source], settings: DataSettings, formatting_func, local_tokenizer: Path) -> list[str]:

@@ -456,3 +456,29 @@ def test_reward_metrics_reach_wandb_apart_for_train_and_eval():
         "train/loss": 0.6, "train/rewards/margins": 0.2}
     assert wandb_values({"event": "eval", "step": 3, "rewards/margins": 0.3, "eval_loss/chat": 0.5}) == {
         "eval/rewards/margins": 0.3, "eval_loss/chat": 0.5}
+
+
+def test_lora_reference_is_the_base_with_the_adapters_off(tmp_path, tiny_model_dir):
+    """A LoRA run's reference log-probabilities are the base model's, whatever its adapters
+    hold (`lora_init_from` starts from trained ones); the adapted model's differ."""
+    import dataclasses as dc
+
+    from raysft.workers.models.lora import LoraSettings, is_adapter
+    from raysft.workers.training.references import reference_params
+
+    cfg = ModelConfig.from_hf_dict(read_hf_config(tiny_model_dir / "config.json"))
+    lora = LoraSettings(rank=4, alpha=8.0, dropout=0.0, modules=("q_proj", "v_proj", "down_proj"))
+    layout = build_layout(cfg, jnp.float32, jnp.float32, ModelRuntime(), lora)
+    base_layout = dc.replace(layout, shapes={n: s for n, s in layout.shapes.items() if not is_adapter(n)})
+    params, _ = load_params(tiny_model_dir, base_layout, lambda name, shape: DEVICE)
+    rng = np.random.default_rng(0)
+    adapters = {n: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32) for n, s in layout.shapes.items()
+                if is_adapter(n)}
+    objective = Preference(PreferenceSettings())
+    batch = _random_pair_rows(rows=2, vocab=cfg.vocab_size)
+    base_layout_plain, plain = _ours(tiny_model_dir)
+    base = objective.reference_log_probs(base_layout_plain.bind(plain), batch)
+    adapted = objective.reference_log_probs(layout.bind({**params, **adapters}), batch)
+    reference = objective.reference_log_probs(layout.bind(reference_params({**params, **adapters})), batch)
+    np.testing.assert_allclose(np.asarray(reference), np.asarray(base), atol=1e-6)
+    assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-2

@@ -62,6 +62,12 @@ class ReferenceLogps:
         return out
 
 
+def reference_params(params: dict) -> dict:
+    """The reference model in the run's own parameters: LoRA's adapters turned off (zero
+    adapters add nothing), so the reference is the base, whatever adapter the run starts from."""
+    return {name: jnp.zeros_like(p) if is_adapter(name) else p for name, p in params.items()}
+
+
 def reference_dir(store: RowStore, spec: TrainSpec):
     return store.path / "reference" / reference_key(spec)
 
@@ -90,10 +96,9 @@ def compute_references(spec: TrainSpec, model, programs, stores: list[RowStore],
                 make_dir(where)
             if compiled is None:
                 compiled = jax.jit(logps, in_shardings=(model.shardings, sharding), out_shardings=sharding)
-                reference_params = {name: jnp.zeros_like(p) if is_adapter(name) else p
-                                    for name, p in initial_params().items()}
+                reference = reference_params(initial_params())
             for i, rows in enumerate(store.eval_batches(batch_size)):
-                values = compiled(reference_params, global_batch(store, rows, sharding))
+                values = compiled(reference, global_batch(store, rows, sharding))
                 values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
                 if jax.process_index() == 0:
                     save_array(where / f"batch.{i:06d}.npy", values)

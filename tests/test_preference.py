@@ -482,3 +482,40 @@ def test_lora_reference_is_the_base_with_the_adapters_off(tmp_path, tiny_model_d
     reference = objective.reference_log_probs(layout.bind(reference_params({**params, **adapters})), batch)
     np.testing.assert_allclose(np.asarray(reference), np.asarray(base), atol=1e-6)
     assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-2
+
+
+def test_orpo_loss_and_metrics_match_trls_orpo_trainer(tmp_path, tiny_model_dir):
+    """TRL's (experimental) ORPOTrainer on its own tokenized pairs, and the ORPO objective on
+    rows holding the same sequences (two pairs sharing a row): the same loss and rewards."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = ORPOConfig(output_dir=str(tmp_path), beta=0.25, report_to=[], use_cpu=True, bf16=False, max_length=64,
+                      per_device_train_batch_size=len(PAIRS))
+    trainer = ORPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    with torch.no_grad():
+        trl_loss, trl_metrics = trainer.get_batch_loss_metrics(policy, batch, train_eval="train")
+
+    def split(prefix, i):  # (prompt ids, completion ids) of one of TRL's padded sequences
+        ids, labels = batch[f"{prefix}_input_ids"][i], batch[f"{prefix}_labels"][i]
+        ids, labels = ids[batch[f"{prefix}_attention_mask"][i] == 1].tolist(), labels[: int(batch[f"{prefix}_attention_mask"][i].sum())]
+        start = int((labels != -100).nonzero()[0])
+        return ids[:start], ids[start:]
+
+    examples = []
+    for i in range(len(PAIRS)):
+        prompt, chosen = split("chosen", i)
+        _, rejected = split("rejected", i)
+        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    layout, params = _ours(tiny_model_dir)
+    objective = Preference(PreferenceSettings(loss_type="orpo", beta=0.25), loss_chunk_size=8)
+    batch = _rows([[examples[0]], examples[1:]])
+    _, sums = jax.jit(make_gradient_fn(layout, objective=objective))(params, batch)
+    metrics = objective.metrics(sums)
+    assert float(metrics["loss"]) == pytest.approx(float(trl_loss), abs=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert float(metrics[name]) == pytest.approx(float(trl_metrics[name]), abs=1e-5), name

@@ -29,7 +29,8 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies"
                       "logps/rejected", "pairs")
 
 _PAIR_SUMS = ("pair_loss_sum", "pairs", "reward_chosen_sum", "reward_rejected_sum", "reward_correct",
-              "logps_chosen_sum", "logps_rejected_sum", "nll_sum", "chosen_tokens", "chosen_correct")
+              "logps_chosen_sum", "logps_rejected_sum", "nll_sum", "chosen_sequence_tokens", "chosen_tokens",
+              "chosen_correct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +72,20 @@ def sequence_sums(values_BxT, segment_ids_BxT):
     return per_segment[:, 1 : t + 1 : 2], per_segment[:, 2 : t + 2 : 2]
 
 
+def in_chosen_sequences(segment_ids_BxT):
+    """Positions that predict a token of a chosen sequence (prompt or completion): the next
+    token is in the same segment, an odd one."""
+    following = _shifted(segment_ids_BxT)
+    return (following % 2 == 1) & (following == segment_ids_BxT)
+
+
 def pair_counts(batch) -> dict:
-    """The pairs and the chosen completions' tokens of a batch (its rows only, no model)."""
+    """The pairs of a batch, and the tokens its chosen sequences predict (its rows only, no model)."""
     weights = batch["loss_weights"].astype(jnp.float32)
     chosen_len, rejected_len = sequence_sums(weights, batch["segment_ids"])
     return {"total_pairs": jnp.maximum(jnp.sum((chosen_len > 0) & (rejected_len > 0)), 1).astype(jnp.float32),
-            "total_chosen_tokens": jnp.maximum(jnp.sum(chosen_len), 1.0)}
+            "total_chosen_sequence_tokens": jnp.maximum(jnp.sum(in_chosen_sequences(batch["segment_ids"])), 1
+                                                        ).astype(jnp.float32)}
 
 
 def _log1mexp(x):
@@ -126,25 +135,25 @@ class Preference:
         return pair_counts(batch)
 
     def token_log_probs(self, model, batch, dropout_key=None):
-        """(log-probability of each completion token, whether it is the model's top
-        token, routing sums), [B, T] at the position that predicts the token."""
+        """(log-probability of each next token, whether it is the model's top token,
+        routing sums), [B, T] at the position that predicts the token."""
         hidden, head, shards, routing = model_outputs(model, batch, dropout_key)
         log_probs, top = target_log_probs(hidden, head, batch["input_ids"], self.loss_chunk_size, shards)
-        on = _shifted(batch["loss_weights"]) > 0
-        return jnp.where(on, log_probs, 0.0), top & on, routing
+        return log_probs, top, routing
 
     def reference_log_probs(self, model, batch):
         """The row field `reference_logps`: each completion token's log-probability at the
         token's own position (0 elsewhere), as the model in `model` gives it."""
         log_probs, _, _ = self.token_log_probs(model, batch)
-        return jnp.pad(log_probs[:, :-1], ((0, 0), (1, 0)))
+        completion = jnp.where(_shifted(batch["loss_weights"]) > 0, log_probs, 0.0)
+        return jnp.pad(completion[:, :-1], ((0, 0), (1, 0)))
 
     def sums(self, model, batch, totals, dropout_key=None, accumulation: int = 1) -> dict:
         s = self.settings
         log_probs, top, routing = self.token_log_probs(model, batch, dropout_key)
         segments = _shifted(batch["segment_ids"])
         weights = _shifted(batch["loss_weights"]).astype(jnp.float32)
-        chosen, rejected = sequence_sums(log_probs, segments)
+        chosen, rejected = sequence_sums(jnp.where(weights > 0, log_probs, 0.0), segments)
         chosen_len, rejected_len = sequence_sums(weights, segments)
         if s.needs_reference:
             ref_chosen, ref_rejected = sequence_sums(_shifted(batch[REFERENCE_FIELD]) * (weights > 0), segments)
@@ -155,10 +164,13 @@ class Preference:
         real = (chosen_len > 0) & (rejected_len > 0)
         pair_sum = lambda x: jnp.sum(jnp.where(real, x, 0.0))  # noqa: E731
         is_chosen = (segments % 2 == 1) & (weights > 0)
-        nll_sum = -jnp.sum(jnp.where(is_chosen, log_probs, 0.0))
+        # ORPO's SFT term, as TRL's ORPOTrainer takes it: the mean token loss over the chosen
+        # sequences, prompt included.
+        in_chosen = in_chosen_sequences(batch["segment_ids"])
+        nll_sum = -jnp.sum(jnp.where(in_chosen, log_probs, 0.0))
         objective = pair_sum(loss) / totals["total_pairs"]
-        if s.loss_type == "orpo":  # the SFT term: the chosen completions' mean token loss
-            objective = objective + nll_sum / totals["total_chosen_tokens"]
+        if s.loss_type == "orpo":
+            objective = objective + nll_sum / totals["total_chosen_sequence_tokens"]
         sums = {
             "objective": objective,
             **jax.lax.stop_gradient({
@@ -166,7 +178,8 @@ class Preference:
                 "reward_chosen_sum": pair_sum(reward_chosen), "reward_rejected_sum": pair_sum(reward_rejected),
                 "reward_correct": pair_sum((reward_chosen > reward_rejected).astype(jnp.float32)),
                 "logps_chosen_sum": pair_sum(chosen), "logps_rejected_sum": pair_sum(rejected),
-                "nll_sum": nll_sum, "chosen_tokens": jnp.sum(jnp.where(is_chosen, weights, 0.0)),
+                "nll_sum": nll_sum, "chosen_sequence_tokens": jnp.sum(in_chosen).astype(jnp.float32),
+                "chosen_tokens": jnp.sum(jnp.where(is_chosen, weights, 0.0)),
                 "chosen_correct": jnp.sum(top & is_chosen).astype(jnp.float32),
             }),
         }
@@ -189,7 +202,7 @@ def _metrics(sums, loss_type: str, maximum) -> dict:
     pairs, tokens = maximum(sums["pairs"], 1.0), maximum(sums["chosen_tokens"], 1.0)
     loss = sums["pair_loss_sum"] / pairs
     if loss_type == "orpo":
-        loss = loss + sums["nll_sum"] / tokens
+        loss = loss + sums["nll_sum"] / maximum(sums["chosen_sequence_tokens"], 1.0)
     return {
         "loss": loss, "rewards/chosen": sums["reward_chosen_sum"] / pairs,
         "rewards/rejected": sums["reward_rejected_sum"] / pairs, "rewards/accuracies": sums["reward_correct"] / pairs,

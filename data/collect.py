@@ -59,9 +59,11 @@ def collect_documents(encoded, name: str, timeout_s: float, bar) -> tuple[Docume
     key = np.concatenate(keys, axis=1) if keys else np.zeros((3, 0), np.int64)
     if key.shape[1] == 0:
         raise DataError(f"{name}: the dataset has no rows left to train on (dropped: {dict(dropped)})")
-    # Dataset order (file, row, piece) whatever order the tasks finished in; stable, so
-    # rows of a source without row numbers keep the order they were read in.
-    order = np.lexsort(key[::-1])
+    # Dataset order (file, row) whatever order the tasks finished in. Stable, and not by
+    # piece: a row's pieces come from one task in order, and a source without row numbers
+    # (all 0) keeps the order it was read in, each row's pieces together (a preference
+    # pair's chosen and rejected sequences stay side by side).
+    order = np.lexsort(key[1::-1])
     docs = Documents(np.concatenate(lengths)[order], np.concatenate(shards)[order], np.concatenate(offsets)[order],
                      list(shard_names), np.concatenate(trained)[order])
     stats = {

@@ -52,8 +52,6 @@ def detect_format(columns: list[str], text_field: str, forced: str, where: str) 
         return forced
     if "input_ids" in columns:
         return "tokenized"
-    if "chosen" in columns and "rejected" in columns:
-        return "preference"
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:
@@ -62,8 +60,10 @@ def detect_format(columns: list[str], text_field: str, forced: str, where: str) 
         return "prompt_completion"
     if "instruction" in columns and ("response" in columns or "output" in columns):
         return "instruction"
-    if text_field in columns:
+    if text_field in columns:  # before pairs: SFT on one column of preference rows is the seed's example
         return "text"
+    if "chosen" in columns and "rejected" in columns:
+        return "preference"
     raise DataError(
         f"{where}: dataset_text_field {text_field!r} is not a column and no other format's columns are "
         f"present (messages, conversations, prompt+completion, instruction+response, input_ids); "

@@ -336,10 +336,12 @@ def test_killed_worker_resumes_dpo_bit_identical_reusing_the_reference(dpo_run, 
     def kill_after_step_2(run_dir, thread):
         while thread.is_alive() and not any(s >= 2 for s in checkpoint_steps(run_dir)):
             time.sleep(0.05)
+        import ray
         from ray.util.state import list_actors
 
-        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                          detail=True)]
+        # This session's Ray by its address: another on the machine (a second test run) is not ours.
+        workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         os.kill(workers[-1].pid, signal.SIGKILL)
 
     out = _train_dpo(_dpo_config(tmp_path / "runs", save_steps=1, max_restarts=1), tiny_model_dir, data,
@@ -519,3 +521,28 @@ def test_orpo_loss_and_metrics_match_trls_orpo_trainer(tmp_path, tiny_model_dir)
     assert float(metrics["loss"]) == pytest.approx(float(trl_loss), abs=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
         assert float(metrics[name]) == pytest.approx(float(trl_metrics[name]), abs=1e-5), name
+
+
+def test_pairs_from_datasets_and_ray_data_prepare_the_rows_a_file_does(local_ray, tmp_path, chat_tokenizer_dirs):
+    """The same conversational pairs from a JSON-lines file, a `datasets.Dataset` and a
+    Ray Dataset: the same packed rows."""
+    import datasets
+    import ray
+
+    from conftest import write_jsonl
+    from raysft.data.prepare import prepare_dataset
+    from raysft.data.rows import ROW_FIELDS
+    from raysft.data.settings import DataSettings
+
+    settings = DataSettings(seq_len=128, dataset_format="preference", packing=True)
+    pairs = CHAT_PAIRS * 3
+    sources = {"file": write_jsonl(tmp_path / "pairs.jsonl", pairs), "datasets": datasets.Dataset.from_list(pairs),
+               "ray": ray.data.from_items(pairs)}
+    rows = {}
+    for name, source in sources.items():
+        store = prepare_dataset(source, chat_tokenizer_dirs["chatml"], settings, tmp_path / name, report=None)
+        rows[name] = store.read(np.arange(store.num_rows))
+        assert store.meta["documents"] == 2 * len(pairs) and store.meta["format"] == "preference"
+    for name in ("datasets", "ray"):
+        for field in ROW_FIELDS:
+            np.testing.assert_array_equal(rows[name][field], rows["file"][field], err_msg=f"{name} {field}")

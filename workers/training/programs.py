@@ -20,8 +20,8 @@ from raysft.workers.models.lora import is_adapter
 from raysft.workers.runtime.mesh import ShardingError, batch_sharding, optimizer_state_shardings
 from raysft.workers.sharded_model import ShardedModel
 from raysft.workers.spec import TrainSpec
-from raysft.workers.training.optimizer import build_optimizer, learning_rate_schedule
 from raysft.workers.training.objective import SFT, Objective
+from raysft.workers.training.optimizer import build_optimizer, learning_rate_schedule
 from raysft.workers.training.preference import Preference, PreferenceSettings
 from raysft.workers.training.step import make_eval_step, make_train_step
 
